@@ -1,0 +1,249 @@
+"""One typed config, end to end: dataclass defaults <- YAML preset <- ``key=value`` overrides.
+
+Every field says its unit and meaning. Unknown keys and ill-typed or out-of-range values raise
+:class:`ConfigError` naming the dotted key, the value and what was expected, before any work starts.
+The resolved config is a plain dict (``to_dict``) so it can be written to the run directory and
+passed to Ray workers and Tune trials, which read nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value a user must fix; the message names the key and the expected form."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tfbind8"  # run directory: local path, or s3:// / gs:// URI
+    seed: int = 0  # global seed; every split, member and sampler seed derives from it
+    overwrite: bool = False  # replace a stage whose config changed (otherwise: stop with an error)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "tfbind8"  # task registry name: tfbind8 | utr_mrl | dhs | csv
+    path: str | None = None  # table to read; None = the task's bundled data (required for csv)
+    sequence_column: str | None = None  # csv: column holding the sequences
+    label_column: str | None = None  # csv: numeric column holding the measured label y
+    subset: Literal["full", "ci"] = "full"  # utr_mrl: all 280k rows, or the 2k CI subset
+    cell_type: Literal["HepG2", "K562", "GM12878", "hESCT0"] = "HepG2"  # dhs: target cell type
+    length: int | None = None  # required sequence length (nt); None = the length most rows have
+    invalid_letters: Literal["error", "drop"] = "error"  # letters outside ACGT(U): stop, or drop rows
+    max_rows: int | None = None  # read only the first N rows of the table (quick runs); None = all
+
+
+@dataclass
+class DataConfig:
+    oracle_fraction: float | None = None  # share of D held out as D_ora, in [0, 1); None = task default
+    quantile: float | None = None  # D_off = D_0 rows with y below this quantile, in (0, 1); None = task default
+
+
+@dataclass
+class OracleConfig:
+    kind: str | None = None  # oracle registry name (table | optimus5p | trained_cnn); None = task default
+    # Settings of the CNN trained on D_ora, used only by kind=trained_cnn.
+    channels: int = 64  # conv channels
+    layers: int = 3  # conv layers
+    kernel_size: int = 7  # conv kernel width (nt)
+    hidden: int = 128  # width of the dense layers
+    pool: int = 2  # max-pool factor after each conv block (skipped once the sequence is shorter than the kernel)
+    dropout: float = 0.2  # dropout before the dense layers
+    epochs: int = 20  # maximum passes over D_ora's training rows
+    batch_size: int = 256  # rows per step
+    lr: float = 1e-3  # Adam learning rate
+    val_fraction: float = 0.1  # share of D_ora held out to report Pearson and stop early
+    patience: int = 3  # epochs without validation improvement before stopping
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The named sections as a dict, e.g. for a stage fingerprint."""
+        return {n: dataclasses.asdict(getattr(self, n)) for n in names}
+
+
+# --------------------------------------------------------------------------------------------
+# Building a Config from nested dicts, with type checks that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {tp!r} for {key}")
+    raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: got {values!r}, expected a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown key {prefix}{key}{hint}; valid keys: {', '.join(prefix + n for n in names)}")
+    kwargs = {}
+    for name in names:
+        if name not in values:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, values[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(values[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is a value, not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``"a.b"``, parsed value); the value is read as YAML (``1e-3``, ``null``, ``[1, 2]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. finetune.alpha=0.01")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot read value {raw!r}: {e}") from None
+    return key, value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(tree).__name__}")
+    return tree
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (as written by ``Config.to_dict``)."""
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file at ``path`` <- ``key=value`` overrides, validated."""
+    tree = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks beyond types. Registry names are checked where the registries live (tasks, oracles)
+# but called from here so a bad name fails at load time.
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
+def validate(cfg: Config) -> None:
+    from braid_ray.data.tasks import validate_task_config
+    from braid_ray.oracles import ORACLES
+
+    _check(bool(cfg.run.dir.strip()), "run.dir", cfg.run.dir, "a non-empty path or URI")
+    _check(cfg.run.seed >= 0, "run.seed", cfg.run.seed, "an integer >= 0")
+    validate_task_config(cfg.task)
+    d = cfg.data
+    if d.oracle_fraction is not None:
+        _check(0.0 <= d.oracle_fraction < 1.0, "data.oracle_fraction", d.oracle_fraction, "a fraction in [0, 1)")
+    if d.quantile is not None:
+        _check(0.0 < d.quantile < 1.0, "data.quantile", d.quantile, "a quantile strictly between 0 and 1")
+    o = cfg.oracle
+    if o.kind is not None:
+        _check(o.kind in ORACLES, "oracle.kind", o.kind, f"one of {sorted(ORACLES)} or null (task default)")
+    _check(0.0 <= o.dropout < 1.0, "oracle.dropout", o.dropout, "a probability in [0, 1)")
+    for key in ("channels", "layers", "kernel_size", "hidden", "pool", "epochs", "batch_size", "patience"):
+        _check(getattr(o, key) >= 1, f"oracle.{key}", getattr(o, key), "an integer >= 1")
+    _check(o.lr > 0, "oracle.lr", o.lr, "a positive learning rate")
+    _check(0.0 < o.val_fraction < 1.0, "oracle.val_fraction", o.val_fraction, "a fraction in (0, 1)")

@@ -1,0 +1,159 @@
+"""The run directory: every stage reads and writes one folder (local path, or s3:// / gs:// via pyarrow.fs).
+
+Each stage lives in its own sub-folder with a ``stage.json`` that records the fingerprint of its
+inputs and config. A stage whose fingerprint is unchanged is reused; one whose config changed is never
+silently replaced: :class:`StageConflict` names the keys that differ, unless ``run.overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+STAGE_FILE = "stage.json"
+PENDING_FILE = "stage.pending.json"
+
+
+class StageConflict(RuntimeError):
+    """A stage exists in the run directory with a different config or different inputs."""
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable hash of a JSON-able object (config sections, upstream fingerprints, file hashes)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def diff_keys(old: Any, new: Any) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+class RunDir:
+    """A run directory on any pyarrow filesystem."""
+
+    def __init__(self, uri: str):
+        if "://" not in uri:
+            uri = str(Path(uri).expanduser().resolve())
+        self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        self.uri = uri
+
+    def stage(self, name: str) -> Stage:
+        return Stage(self, name)
+
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+
+class Stage:
+    """One stage's folder inside a run directory, with reuse bookkeeping."""
+
+    def __init__(self, run: RunDir, name: str):
+        self.run, self.name = run, name
+        self.root = f"{run.root}/{name}"
+
+    # ---- files
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def local_path(self, name: str = "") -> Path:
+        """A local filesystem path (only for local run directories, e.g. for Ray's storage_path)."""
+        if not self.run.is_local():
+            raise ValueError(f"{self.run.uri} is not a local directory")
+        return Path(self.path(name) if name else self.root)
+
+    def exists(self, name: str) -> bool:
+        return self.run.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write atomically where the filesystem allows it (temp file + move), so a crash leaves no half file."""
+        self.run.fs.create_dir(self.root, recursive=True)
+        tmp = self.path(f".{name}.tmp")
+        with self.run.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.run.fs.move(tmp, self.path(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        if not self.exists(name):
+            raise FileNotFoundError(f"{self.run.uri}/{self.name}/{name} not found")
+        with self.run.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def write_yaml(self, name: str, obj: Any) -> None:
+        self.write_text(name, yaml.safe_dump(obj, sort_keys=False))
+
+    def write_parquet(self, name: str, frame: pd.DataFrame) -> None:
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        self.write_bytes(name, buf.getvalue())
+
+    def read_parquet(self, name: str) -> pd.DataFrame:
+        return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pandas()
+
+    # ---- reuse bookkeeping
+    def begin(self, record: dict[str, Any], overwrite: bool) -> bool:
+        """Start the stage for ``record`` (its config and inputs). Returns True if a finished stage with
+        the same record can be reused. Leftovers of an interrupted run with the same record are kept
+        (so the stage can resume from them); anything recorded with another record is a conflict."""
+        fp = fingerprint(record)
+        for marker in (STAGE_FILE, PENDING_FILE):
+            if not self.exists(marker):
+                continue
+            old = self.read_json(marker)
+            if old.get("fingerprint") == fp:
+                if marker == STAGE_FILE:
+                    return True
+                break
+            if not overwrite:
+                changes = "; ".join(diff_keys(old.get("record"), record)) or "inputs changed"
+                raise StageConflict(
+                    f"{self.run.uri}/{self.name} was made with a different config or inputs ({changes}). "
+                    "Use a new run.dir, or set run.overwrite=true to replace this stage.")
+            self.clear()
+            break
+        self.write_json(PENDING_FILE, {"fingerprint": fp, "record": record})
+        return False
+
+    def finish(self, record: dict[str, Any]) -> None:
+        self.write_json(STAGE_FILE, {"fingerprint": fingerprint(record), "record": record,
+                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self.run.fs.delete_file(self.path(PENDING_FILE))
+
+    def clear(self) -> None:
+        if self.run.fs.get_file_info(self.root).type == pafs.FileType.Directory:
+            self.run.fs.delete_dir_contents(self.root)

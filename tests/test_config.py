@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from braid_ray.config import Config, ConfigError, from_dict, load_config, parse_override
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads_into_the_schema(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # The resolved dict round-trips through YAML into the same config.
+    assert from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_defaults_are_the_embedded_tfbind8_task() -> None:
+    cfg = load_config()
+    assert cfg.task.name == "tfbind8" and cfg.run.dir == "runs/tfbind8"
+
+
+def test_overrides_parse_yaml_values_and_win_over_the_file() -> None:
+    cfg = load_config(ROOT / "configs" / "utr_mrl.yaml",
+                      ["data.quantile=0.7", "run.seed=3", "task.subset=ci", "oracle.lr=2e-3", "task.path=null"])
+    assert cfg.data.quantile == 0.7 and cfg.run.seed == 3 and cfg.task.subset == "ci"
+    assert cfg.oracle.lr == pytest.approx(2e-3) and cfg.task.path is None
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.quantil=0.5", "unknown key data.quantil (did you mean data.quantile?)"),
+    ("nosuch.key=1", "unknown key nosuch"),
+    ("data.quantile=1.5", "data.quantile: got 1.5, expected a quantile strictly between 0 and 1"),
+    ("data.quantile=0", "data.quantile: got 0.0, expected a quantile strictly between 0 and 1"),
+    ("data.quantile=high", "data.quantile: got 'high', expected float or null"),
+    ("run.seed=1.5", "run.seed: got 1.5, expected int"),
+    ("run.overwrite=maybe", "run.overwrite: got 'maybe', expected bool"),
+    ("task.name=protein", "task.name: got 'protein', expected one of ['csv', 'dhs', 'tfbind8', 'utr_mrl']"),
+    ("task.subset=half", "task.subset: got 'half', expected 'full' | 'ci'"),
+    ("oracle.kind=magic", "oracle.kind: got 'magic', expected one of"),
+    ("oracle.epochs=0", "oracle.epochs: got 0, expected an integer >= 1"),
+    ("data=3", "data: got 3, expected a mapping of keys"),
+    ("data.quantile", "expected key=value"),
+])
+def test_bad_keys_and_values_name_the_key_value_and_expected_form(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_csv_task_requires_its_table_and_columns() -> None:
+    with pytest.raises(ConfigError, match="task.path: required for task.name=csv"):
+        load_config(None, ["task.name=csv"])
+
+
+def test_missing_and_malformed_config_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(flat)

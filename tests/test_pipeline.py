@@ -1,0 +1,88 @@
+"""`python launch/finetune.py` end to end: stages written, reused, never silently overwritten."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from braid_ray.rundir import RunDir, StageConflict
+from tests.conftest import ROOT
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "finetune.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_default_task_data_stage_end_to_end_and_reuse(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = _launch(f"run.dir={run}")
+    assert first.returncode == 0, first.stderr
+    assert "D 65,536 | D_ora 0 | D_0 65,536 | D_off 32,768" in first.stdout
+    assert "oracle      table: exact" in first.stdout
+    for name in ("d.parquet", "d_ora.parquet", "d_0.parquet", "d_off.parquet", "summary.json", "stage.json"):
+        assert (run / "data" / name).is_file(), name
+    off = pd.read_parquet(run / "data" / "d_off.parquet")
+    zero = pd.read_parquet(run / "data" / "d_0.parquet")
+    assert len(off) == 32_768 and off["y"].max() < zero["y"].median() + 1e-12
+    assert (run / "config.yaml").is_file() and (run / "oracle" / "info.json").is_file()
+
+    before = (run / "data" / "d_off.parquet").stat().st_mtime_ns
+    second = _launch(f"run.dir={run}")
+    assert second.returncode == 0 and "data: reusing" in second.stderr
+    assert (run / "data" / "d_off.parquet").stat().st_mtime_ns == before
+
+
+def test_changed_config_never_silently_overwrites(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _launch(f"run.dir={run}").returncode == 0
+    before = (run / "data" / "d_off.parquet").read_bytes()
+    changed = _launch(f"run.dir={run}", "data.quantile=0.3")
+    assert changed.returncode == 2
+    assert "data.quantile: 0.5 -> 0.3" in changed.stderr and "run.overwrite=true" in changed.stderr
+    assert (run / "data" / "d_off.parquet").read_bytes() == before
+    replaced = _launch(f"run.dir={run}", "data.quantile=0.3", "run.overwrite=true")
+    assert replaced.returncode == 0, replaced.stderr
+    assert len(pd.read_parquet(run / "data" / "d_off.parquet")) < 32_768 * 0.7
+
+
+def test_bad_input_stops_before_any_work_with_one_clear_line(tmp_path: Path) -> None:
+    out = _launch(f"run.dir={tmp_path / 'run'}", "data.quantil=0.5")
+    assert out.returncode == 2 and "unknown key data.quantil (did you mean data.quantile?)" in out.stderr
+    missing = _launch(f"run.dir={tmp_path / 'run'}", "task.name=csv", f"task.path={tmp_path / 'none.csv'}",
+                      "task.sequence_column=seq", "task.label_column=y")
+    assert missing.returncode == 2 and "table not found" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_user_table_with_a_trained_oracle(tmp_path: Path, enhancer_table: Path) -> None:
+    run = tmp_path / "run"
+    out = _launch("--config", str(ROOT / "configs" / "enhancer_csv.yaml"), f"run.dir={run}",
+                  f"task.path={enhancer_table}", "data.quantile=0.8", "oracle.epochs=2", "oracle.channels=8",
+                  "oracle.hidden=16", "oracle.layers=1")
+    assert out.returncode == 0, out.stderr
+    assert "D 120 | D_ora 60 | D_0 60 | D_off 48" in out.stdout and "held-out Pearson" in out.stdout
+    assert (run / "oracle" / "oracle.safetensors").is_file()
+
+
+def test_stage_conflict_names_the_changed_keys(tmp_path: Path) -> None:
+    stage = RunDir(str(tmp_path)).stage("x")
+    assert stage.begin({"a": 1, "b": {"c": 2}}, overwrite=False) is False
+    stage.write_json("out.json", {"v": 1})
+    stage.finish({"a": 1, "b": {"c": 2}})
+    assert stage.begin({"a": 1, "b": {"c": 2}}, overwrite=False) is True
+    try:
+        stage.begin({"a": 1, "b": {"c": 3}}, overwrite=False)
+    except StageConflict as e:
+        assert "b.c: 2 -> 3" in str(e)
+    else:
+        raise AssertionError("expected a StageConflict")
+    assert stage.read_json("out.json") == {"v": 1}
+    # An interrupted stage (pending, not finished) with the same record keeps its leftovers to resume from.
+    other = RunDir(str(tmp_path)).stage("y")
+    other.begin({"k": 1}, overwrite=False)
+    other.write_json("partial.json", {"step": 3})
+    assert other.begin({"k": 1}, overwrite=False) is False and other.exists("partial.json")

@@ -26,7 +26,7 @@ def parse(description: str, argv: list[str] | None = None, default_config: str |
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="YAML preset (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.dir=runs/x data.quantile=0.5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may stand before and after --config
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)

@@ -68,11 +68,41 @@ class OracleConfig:
 
 
 @dataclass
+class RewardConfig:
+    members: int = 8  # M bootstrap members, each on its own with-replacement resample of D_off
+    diverse: bool = False  # vary kernel width (1 = MLP-like) and activation across members
+    spectral_norm: bool = True  # spectral-normalised layers: distance-aware features for the bonus
+    channels: int = 32  # conv channels per member
+    layers: int = 2  # conv layers per member
+    kernel_size: int = 5  # conv kernel width (odd; the widest, when diverse)
+    hidden: int = 64  # width of the dense layers = feature dimension d of the bonus
+    pool: int = 1  # max-pool factor after each conv block (for long sequences)
+    epochs: int = 30  # maximum epochs per member
+    batch_size: int = 256  # rows per member per step
+    lr: float = 3e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    patience: int = 3  # epochs without out-of-bag improvement before a member stops
+    holdout_fraction: float = 0.1  # share of D_off no member trains on: in-distribution calibration rows
+    bonus_lambda: float = 1.0  # ridge lambda of the bonus
+    whiten: bool = True  # whiten features (D_off mean and covariance) before the bonus
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # Ray cluster address; None = join the job's cluster or start a local one
+    num_workers: int = 2  # Ray Train workers per trainer (global); 0 = run in-process, without Ray
+    cpus_per_worker: float = 0.5  # CPUs reserved per worker (fractional keeps 2-core laptops from starving)
+    use_gpu: bool = False  # one GPU per worker
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,3 +277,14 @@ def validate(cfg: Config) -> None:
         _check(getattr(o, key) >= 1, f"oracle.{key}", getattr(o, key), "an integer >= 1")
     _check(o.lr > 0, "oracle.lr", o.lr, "a positive learning rate")
     _check(0.0 < o.val_fraction < 1.0, "oracle.val_fraction", o.val_fraction, "a fraction in (0, 1)")
+    r = cfg.reward
+    for key in ("members", "channels", "layers", "kernel_size", "hidden", "pool", "epochs", "batch_size",
+                "patience"):
+        _check(getattr(r, key) >= 1, f"reward.{key}", getattr(r, key), "an integer >= 1")
+    _check(r.kernel_size % 2 == 1, "reward.kernel_size", r.kernel_size, "an odd kernel width")
+    _check(r.lr > 0, "reward.lr", r.lr, "a positive learning rate")
+    _check(r.weight_decay >= 0, "reward.weight_decay", r.weight_decay, "a non-negative weight decay")
+    _check(0.0 < r.holdout_fraction < 0.5, "reward.holdout_fraction", r.holdout_fraction, "a fraction in (0, 0.5)")
+    _check(r.bonus_lambda > 0, "reward.bonus_lambda", r.bonus_lambda, "a positive ridge lambda")
+    _check(cfg.ray.num_workers >= 0, "ray.num_workers", cfg.ray.num_workers, "an integer >= 0 (0 = in-process)")
+    _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "a positive CPU count")

@@ -1,4 +1,4 @@
-"""The whole pipeline for one config: data -> oracle (later issues: pretrain -> reward -> fine-tune -> evaluate).
+"""The whole pipeline for one config: data -> oracle -> reward (then: pretrain -> fine-tune -> evaluate).
 
 Every stage is reused when its config and inputs are unchanged, so a re-run resumes where it stopped.
 """
@@ -8,28 +8,50 @@ from __future__ import annotations
 import logging
 
 from braid_ray.config import Config
+from braid_ray.reward.fit import calibration_markdown
 from braid_ray.rundir import RunDir
-from braid_ray.stages import data_stage, oracle_stage
+from braid_ray.stages import MemberTrainer, data_stage, oracle_stage, reward_stage, train_in_process
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Config) -> dict:
-    """Run every stage for ``cfg``; returns the summary that the launch script prints."""
+def member_trainer(cfg: Config, run_dir: RunDir) -> MemberTrainer:
+    """Ray Train workers for the reward members, or in-process when ``ray.num_workers=0``."""
+    if cfg.ray.num_workers == 0:
+        return train_in_process
+    from braid_ray.dist.reward import train_ensemble  # the core never imports Ray at module level
+
+    storage = str(run_dir.stage("reward").local_path("ray")) if run_dir.is_local() else f"{run_dir.uri}/reward/ray"
+    return lambda c, data: train_ensemble(c, data, storage, name=f"reward-seed{c.run.seed}")
+
+
+def run(cfg: Config, stages: tuple[str, ...] = ("data", "oracle", "reward")) -> dict:
+    """Run ``stages`` for ``cfg`` (earlier ones reused when unchanged); returns what the launch script prints."""
     run_dir = RunDir(cfg.run.dir)
-    data = data_stage(cfg, run_dir)
-    oracle = oracle_stage(cfg, run_dir, data)
     run_dir.stage("").write_yaml("config.yaml", cfg.to_dict())
-    return {"run_dir": run_dir.uri, "data": data.summary, "oracle": oracle.info}
+    data = data_stage(cfg, run_dir)
+    summary: dict = {"run_dir": run_dir.uri, "data": data.summary}
+    if "oracle" in stages:
+        summary["oracle"] = oracle_stage(cfg, run_dir, data).info
+    if "reward" in stages:
+        reward_stage(cfg, run_dir, data, member_trainer(cfg, run_dir))
+        summary["reward"] = run_dir.stage("reward").read_json("calibration.json")
+    return summary
+
+
+def _oracle_quality(o: dict) -> str:
+    if o.get("exact"):
+        return "exact (measured table)"
+    if "heldout_pearson" in o:
+        return f"held-out Pearson {o['heldout_pearson']:.3f}"
+    if "pearson_vs_measured" in o:
+        return f"Pearson vs measured {o['pearson_vs_measured']:.3f} (not held out)"
+    return ""
 
 
 def format_summary(summary: dict) -> str:
-    d, o = summary["data"], summary["oracle"]
+    d = summary["data"]
     rows = d["rows"]
-    quality = ("exact (measured table)" if o.get("exact") else
-               f"held-out Pearson {o['heldout_pearson']:.3f}" if "heldout_pearson" in o else
-               f"Pearson vs measured {o['pearson_vs_measured']:.3f} (not held out)"
-               if "pearson_vs_measured" in o else "")
     lines = [
         f"task        {d['task']}: {d['description']}",
         f"run dir     {summary['run_dir']}",
@@ -38,6 +60,10 @@ def format_summary(summary: dict) -> str:
         f"best D_off  y = {d['best_offline_y']:.4g}, percentile {d['best_offline_percentile']:.1f} of D",
         f"y over D    min {d['y_full']['min']:.4g} | median {d['y_full']['median']:.4g} | "
         f"max {d['y_full']['max']:.4g}",
-        f"oracle      {o['kind']}: {quality}",
     ]
+    if "oracle" in summary:
+        lines.append(f"oracle      {summary['oracle']['kind']}: {_oracle_quality(summary['oracle'])}")
+    if "reward" in summary:
+        lines += ["", "reward calibration (in = held-out D_off rows; ood = D_0 rows above the offline quantile):",
+                  calibration_markdown(summary["reward"])]
     return "\n".join(lines)

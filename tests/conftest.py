@@ -14,3 +14,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def enhancer_table() -> Path:
     return FIXTURES / "enhancers_small.csv.gz"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One small local Ray for the whole test run (2 CPUs; workers ask for fractions of a CPU)."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("BRAID_RAY_QUIET", "1")
+    import ray
+
+    from braid_ray.dist.cluster import WORKER_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+    yield ray
+    ray.shutdown()

@@ -12,8 +12,12 @@ from braid_ray.rundir import RunDir, StageConflict
 from tests.conftest import ROOT
 
 
+# A small reward ensemble trained in-process keeps these end-to-end runs quick; Ray has its own tests.
+FAST = ("reward.members=2", "reward.epochs=1", "reward.channels=8", "reward.hidden=16", "ray.num_workers=0")
+
+
 def _launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "finetune.py"), *args], cwd=ROOT,
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "finetune.py"), *FAST, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -29,10 +33,11 @@ def test_default_task_data_stage_end_to_end_and_reuse(tmp_path: Path) -> None:
     zero = pd.read_parquet(run / "data" / "d_0.parquet")
     assert len(off) == 32_768 and off["y"].max() < zero["y"].median() + 1e-12
     assert (run / "config.yaml").is_file() and (run / "oracle" / "info.json").is_file()
+    assert (run / "reward" / "reward.safetensors").is_file() and "| bonus |" in first.stdout
 
     before = (run / "data" / "d_off.parquet").stat().st_mtime_ns
     second = _launch(f"run.dir={run}")
-    assert second.returncode == 0 and "data: reusing" in second.stderr
+    assert second.returncode == 0 and "data: reusing" in second.stderr and "reward: reusing" in second.stderr
     assert (run / "data" / "d_off.parquet").stat().st_mtime_ns == before
 
 

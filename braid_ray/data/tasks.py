@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from braid_ray.config import ConfigError, TaskConfig
 from braid_ray.data.encoding import Locator, encode, reverse_complement, to_index
 from braid_ray.data.tables import Labelled, _check_file, labelled_from_frame, merge_duplicates, parse_labels, read_table
 
-ASSETS = Path(str(resources.files("braid_ray") / "assets"))
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Conservative reward models r_hat - g_hat, learned from D_off only."""

@@ -1,0 +1,57 @@
+"""The reward ensemble on a local Ray: Ray Train workers own slices of the members."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from braid_ray import pipeline
+from braid_ray.config import load_config
+from braid_ray.reward.conservative import ConservativeReward, checkpoint_extra
+from braid_ray.rundir import RunDir
+from braid_ray.stages import data_stage, reward_stage, train_in_process
+
+SMALL = ["reward.members=3", "reward.epochs=2", "reward.channels=8", "reward.hidden=16", "reward.batch_size=512"]
+
+
+def test_ray_ensemble_on_tfbind8_matches_in_process_members(tmp_path: Path, ray_local) -> None:
+    cfg = load_config(None, [f"run.dir={tmp_path / 'ray'}", "ray.num_workers=2", *SMALL])
+    summary = pipeline.run(cfg, stages=("data", "reward"))
+    stage = RunDir(cfg.run.dir).stage("reward")
+    for name in ("reward.safetensors", "calibration.json", "calibration.md", "members.json", "stage.json"):
+        assert stage.exists(name), name
+    data = stage.read_bytes("reward.safetensors")
+    on_ray = ConservativeReward.from_bytes(data)
+    assert on_ray.net.members == [0, 1, 2] and len(checkpoint_extra(data)["members"]) == 3
+    assert set(summary["reward"]) == {"none", "min", "lcb", "bonus"}
+    assert summary["reward"]["bonus"]["in"]["rows"] == round(0.1 * 32_768)
+
+    # The same members trained in one process, as one stack of 3, have the same weights as the two workers'.
+    local_cfg = load_config(None, [f"run.dir={tmp_path / 'local'}", "ray.num_workers=0", *SMALL])
+    run = RunDir(local_cfg.run.dir)
+    local = reward_stage(local_cfg, run, data_stage(local_cfg, run), train_in_process)
+    for key, value in local.net.state_dict().items():
+        torch.testing.assert_close(on_ray.net.state_dict()[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+    # Re-running the same config reuses the stage instead of training again.
+    again = pipeline.run(cfg, stages=("data", "reward"))
+    assert stage.read_bytes("reward.safetensors") == data and again["reward"] == summary["reward"]
+
+
+def test_workers_that_do_not_fit_the_cluster_fail_fast(tmp_path: Path, ray_local) -> None:
+    cfg = load_config(None, [f"run.dir={tmp_path}", "ray.num_workers=2", "ray.cpus_per_worker=1.5", *SMALL])
+    with pytest.raises(ValueError, match=r"need CPU=3, the cluster has 2; lower ray.num_workers"):
+        pipeline.run(cfg, stages=("data", "reward"))
+
+
+def test_member_slices_cover_every_member_once() -> None:
+    from braid_ray.dist.reward import member_slices
+
+    for members in (1, 3, 8):
+        for workers in range(1, members + 1):
+            slices = member_slices(members, workers)
+            assert len(slices) == workers and sorted(np.concatenate(slices).tolist()) == list(range(members))
+            assert max(map(len, slices)) - min(map(len, slices)) <= 1

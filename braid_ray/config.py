@@ -88,6 +88,47 @@ class RewardConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    backbone: str = "gaussian_onehot"  # diffusion backbone registry name
+    steps: int = 50  # T, denoising steps of the sampler (and of DDPM training)
+    eta: float = 1.0  # DDIM eta: 1 = ancestral (DDPM posterior), 0 = deterministic (no KL possible)
+    channels: int = 64  # denoiser conv channels
+    blocks: int = 3  # denoiser residual blocks
+    kernel_size: int = 5  # denoiser conv kernel width (nt)
+    emb_dim: int = 64  # time-embedding width
+    # Pretraining on the task's sequences (all of D, no labels).
+    epochs: int = 20  # passes over the sequences
+    batch_size: int = 256  # sequences per step (global; split over Ray workers)
+    lr: float = 2e-3  # Adam learning rate (cosine decay)
+    data_noise: float = 0.0  # std of Gaussian noise added to the +-1 one-hot training data
+
+
+@dataclass
+class FinetuneConfig:
+    methods: list[str] = field(default_factory=lambda: ["strl", "braid_boot", "braid_bonus"])  # methods to run
+    alpha: float = 1e-3  # KL weight, with the reward in z-score units of y over D_off
+    strength: float = 1.0  # k: penalty strength of lcb / bonus, in units of std(r_hat) over D_off
+    k: int = 20  # differentiable (last) sampler steps
+    randomize_k: bool = False  # draw K uniformly from 1..k per batch (AlignProp)
+    parameterization: Literal["residual", "full"] = "residual"  # mu = mu_pre + sigma^2 c(x,t), or a full copy
+    steps: int = 200  # optimizer steps
+    batch_size: int = 64  # samples per step per worker
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # Adam learning rate (cosine decay)
+    clip: float = 1.0  # gradient-norm clipping (0 = off)
+    temperature: float = 0.5  # softmax temperature of the relaxed one-hot the reward sees
+    straight_through: bool = False  # hard one-hot forward, softmax gradient backward
+    checkpoint_every: int = 50  # optimizer steps between checkpoints
+    log_every: int = 10  # optimizer steps between progress lines
+
+
+@dataclass
+class EvalConfig:
+    n_samples: int = 640  # designs sampled per method and scored by the oracle
+    batch_size: int = 640  # designs per sampling batch
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # Ray cluster address; None = join the job's cluster or start a local one
     num_workers: int = 2  # Ray Train workers per trainer (global); 0 = run in-process, without Ray
@@ -102,6 +143,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -286,5 +330,29 @@ def validate(cfg: Config) -> None:
     _check(r.weight_decay >= 0, "reward.weight_decay", r.weight_decay, "a non-negative weight decay")
     _check(0.0 < r.holdout_fraction < 0.5, "reward.holdout_fraction", r.holdout_fraction, "a fraction in (0, 0.5)")
     _check(r.bonus_lambda > 0, "reward.bonus_lambda", r.bonus_lambda, "a positive ridge lambda")
+    df = cfg.diffusion
+    _check(df.backbone == "gaussian_onehot", "diffusion.backbone", df.backbone, "'gaussian_onehot'")
+    for key in ("steps", "channels", "blocks", "kernel_size", "emb_dim", "epochs", "batch_size"):
+        _check(getattr(df, key) >= 1, f"diffusion.{key}", getattr(df, key), "an integer >= 1")
+    _check(df.eta >= 0, "diffusion.eta", df.eta, "eta >= 0")
+    _check(df.lr > 0, "diffusion.lr", df.lr, "a positive learning rate")
+    _check(df.data_noise >= 0, "diffusion.data_noise", df.data_noise, "a non-negative std")
+    ft = cfg.finetune
+    from braid_ray.finetune.trainer import METHODS
+
+    for m in ft.methods:
+        _check(m in METHODS, "finetune.methods", m, f"names from {sorted(METHODS)}")
+    _check(ft.alpha >= 0, "finetune.alpha", ft.alpha, "alpha >= 0")
+    _check(ft.alpha == 0 or df.eta > 0, "finetune.alpha", ft.alpha,
+           "0 when diffusion.eta=0 (the KL of a deterministic sampler is undefined)")
+    _check(ft.strength >= 0, "finetune.strength", ft.strength, "a non-negative penalty strength")
+    _check(1 <= ft.k <= df.steps, "finetune.k", ft.k, f"an integer in [1, diffusion.steps={df.steps}]")
+    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        _check(getattr(ft, key) >= 1, f"finetune.{key}", getattr(ft, key), "an integer >= 1")
+    _check(ft.lr > 0, "finetune.lr", ft.lr, "a positive learning rate")
+    _check(ft.clip >= 0, "finetune.clip", ft.clip, "a non-negative clipping norm (0 = off)")
+    _check(ft.temperature > 0, "finetune.temperature", ft.temperature, "a positive temperature")
+    _check(cfg.eval.n_samples >= 2, "eval.n_samples", cfg.eval.n_samples, "an integer >= 2")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "an integer >= 1")
     _check(cfg.ray.num_workers >= 0, "ray.num_workers", cfg.ray.num_workers, "an integer >= 0 (0 = in-process)")
     _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "a positive CPU count")

@@ -1,4 +1,4 @@
-"""The whole pipeline for one config: data -> oracle -> reward (then: pretrain -> fine-tune -> evaluate).
+"""The whole pipeline for one config: data -> oracle -> reward -> pretrain -> fine-tune (each method) -> evaluate.
 
 Every stage is reused when its config and inputs are unchanged, so a re-run resumes where it stopped.
 """
@@ -10,7 +10,11 @@ import logging
 from braid_ray.config import Config
 from braid_ray.reward.fit import calibration_markdown
 from braid_ray.rundir import RunDir
-from braid_ray.stages import MemberTrainer, data_stage, oracle_stage, reward_stage, train_in_process
+from braid_ray.stages import (FinetuneRunner, MemberTrainer, PretrainRunner, data_stage, finetune_in_process,
+                              finetune_stage, oracle_stage, pretrain_in_process, pretrain_stage, reward_stage,
+                              train_in_process)
+
+ALL_STAGES = ("data", "oracle", "reward", "pretrain", "finetune", "eval")
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +29,54 @@ def member_trainer(cfg: Config, run_dir: RunDir) -> MemberTrainer:
     return lambda c, data: train_ensemble(c, data, storage, name=f"reward-seed{c.run.seed}")
 
 
-def run(cfg: Config, stages: tuple[str, ...] = ("data", "oracle", "reward")) -> dict:
+def _ray_storage(run_dir: RunDir, stage: str) -> str:
+    return str(run_dir.stage(stage).local_path("ray")) if run_dir.is_local() else f"{run_dir.uri}/{stage}/ray"
+
+
+def pretrain_runner(cfg: Config, run_dir: RunDir) -> PretrainRunner:
+    if cfg.ray.num_workers == 0:
+        return pretrain_in_process
+    from braid_ray.dist.train import pretrain_on_ray
+
+    return lambda c, codes: pretrain_on_ray(c, codes, _ray_storage(run_dir, "pretrain"), f"pretrain-seed{c.run.seed}")
+
+
+def finetune_runner(cfg: Config, run_dir: RunDir) -> FinetuneRunner:
+    if cfg.ray.num_workers == 0:
+        return finetune_in_process
+    from braid_ray.dist.train import finetune_on_ray
+    from braid_ray.finetune.run import read_checkpoint
+
+    def run(c: Config, job, stage):
+        path = finetune_on_ray(c, job, _ray_storage(run_dir, f"finetune/{job.method}"), f"{job.method}-seed{c.run.seed}")
+        return read_checkpoint(path)
+
+    return run
+
+
+def run(cfg: Config, stages: tuple[str, ...] = ALL_STAGES) -> dict:
     """Run ``stages`` for ``cfg`` (earlier ones reused when unchanged); returns what the launch script prints."""
     run_dir = RunDir(cfg.run.dir)
     run_dir.stage("").write_yaml("config.yaml", cfg.to_dict())
     data = data_stage(cfg, run_dir)
     summary: dict = {"run_dir": run_dir.uri, "data": data.summary}
     if "oracle" in stages:
-        summary["oracle"] = oracle_stage(cfg, run_dir, data).info
+        oracle = oracle_stage(cfg, run_dir, data)
+        summary["oracle"] = oracle.info
     if "reward" in stages:
         reward_stage(cfg, run_dir, data, member_trainer(cfg, run_dir))
         summary["reward"] = run_dir.stage("reward").read_json("calibration.json")
+    if "pretrain" in stages:
+        pretrain_stage(cfg, run_dir, data, pretrain_runner(cfg, run_dir))
+    if "finetune" in stages:
+        upstream = {name: run_dir.stage(name).read_json("stage.json")["fingerprint"] for name in ("reward", "pretrain")}
+        for method in cfg.finetune.methods:
+            finetune_stage(cfg, run_dir, data, method, upstream, finetune_runner(cfg, run_dir))
+    if "eval" in stages:
+        from braid_ray.evaluate import evaluate_stage
+        from braid_ray.eval import to_markdown
+
+        summary["eval"] = to_markdown(evaluate_stage(cfg, run_dir, data, oracle, cfg.finetune.methods))
     return summary
 
 
@@ -66,4 +107,6 @@ def format_summary(summary: dict) -> str:
     if "reward" in summary:
         lines += ["", "reward calibration (in = held-out D_off rows; ood = D_0 rows above the offline quantile):",
                   calibration_markdown(summary["reward"])]
+    if "eval" in summary:
+        lines += ["", f"designs scored by the oracle (report: {summary['run_dir']}/eval/report.md):", summary["eval"]]
     return "\n".join(lines)

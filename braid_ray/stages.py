@@ -1,4 +1,6 @@
-"""Pipeline stages: data (the offline protocol), oracle, reward (its members trained by a pluggable trainer).
+"""Pipeline stages: data (the offline protocol), oracle, reward, pretrain, fine-tune; evaluation is in evaluate.py.
+
+Stages that train take a runner (in-process here; Ray Train adapters in braid_ray.dist).
 
 Each stage records its config and inputs in the run directory and is reused when they are unchanged.
 """
@@ -6,25 +8,32 @@ Each stage records its config and inputs in the run directory and is reused when
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from safetensors.torch import save as save_safetensors
 
 from braid_ray.config import Config
 from braid_ray.data.encoding import decode, encode_strings
 from braid_ray.data.splits import Splits, offline_splits, summarize
 from braid_ray.data.tables import Labelled
 from braid_ray.data.tasks import Task, get_task
+from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrain
+from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, trainer_state_files
+from braid_ray.finetune.trainer import StepMetrics
 from braid_ray.oracles import Oracle, build_oracle
 from braid_ray.reward.conservative import ConservativeReward
 from braid_ray.reward.fit import (RewardData, assemble, calibration, calibration_markdown, reward_data, stack_spec,
                                   train_spec)
 from braid_ray.reward.stacked import StackedNet
 from braid_ray.reward.train import train_members
-from braid_ray.rundir import RunDir, file_sha256, fingerprint
+from braid_ray.rundir import RunDir, Stage, file_sha256, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +155,84 @@ def reward_stage(cfg: Config, run: RunDir, data: DataResult, trainer: MemberTrai
     stage.finish(record)
     log.info("reward: %d members trained in %.1f s", cfg.reward.members, train_seconds)
     return reward
+
+
+# ------------------------------------------------------------------------------------------------
+# Diffusion pretraining and fine-tuning
+
+# (config, sequences (N, L)) -> (denoiser state dict, per-epoch losses)
+PretrainRunner = Callable[[Config, np.ndarray], tuple[dict, list[float]]]
+# (config, job, stage) -> (trainable state dict, per-step history)
+FinetuneRunner = Callable[[Config, FinetuneJob, Stage], tuple[dict, list[dict]]]
+
+
+def pretrain_in_process(cfg: Config, codes: np.ndarray) -> tuple[dict, list[float]]:
+    backbone = build_backbone(cfg.diffusion, codes.shape[1])
+    torch.manual_seed(cfg.run.seed)
+    model = build_denoiser(cfg.diffusion, codes.shape[1])
+    losses = pretrain(model, backbone, codes, cfg.diffusion, cfg.run.seed,
+                      on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d: loss %.4f", e, cfg.diffusion.epochs, loss))
+    return model.state_dict(), losses
+
+
+def pretrain_stage(cfg: Config, run: RunDir, data: DataResult, runner: PretrainRunner = pretrain_in_process) -> str:
+    """Pretrain the diffusion model on every sequence of D (no labels); returns the stage fingerprint."""
+    record = {"diffusion": cfg.section("diffusion")["diffusion"], "data": data.fingerprint, "seed": cfg.run.seed}
+    stage = run.stage("pretrain")
+    if stage.begin(record, cfg.run.overwrite):
+        log.info("pretrain: reusing %s/pretrain (config and data unchanged)", run.uri)
+        return fingerprint(record)
+    log.info("pretrain: %d sequences, T=%d, %d epochs", len(data.d), cfg.diffusion.steps, cfg.diffusion.epochs)
+    start = time.perf_counter()
+    state, losses = runner(cfg, data.d.codes)
+    stage.write_bytes("denoiser.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
+    stage.write_json("losses.json", {"epoch_loss": losses, "seconds": time.perf_counter() - start})
+    stage.write_yaml("config.yaml", cfg.to_dict())
+    stage.finish(record)
+    return fingerprint(record)
+
+
+def finetune_in_process(cfg: Config, job: FinetuneJob, stage: Stage) -> tuple[dict, list[dict]]:
+    """The fine-tuning loop in this process, checkpointing into ``stage`` and resuming from it."""
+    tuner = build_finetuner(cfg, job, seed=cfg.run.seed)
+    history: list[dict] = []
+    if stage.exists("trainer_state.pt"):
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("trainable.safetensors", "trainer_state.pt", "history.json"):
+                Path(tmp, name).write_bytes(stage.read_bytes(name))
+            history = load_trainer_state(tuner, Path(tmp))
+        log.info("fine-tune %s: resumed at step %d", job.method, tuner.step)
+    ft = cfg.finetune
+
+    def on_step(m: StepMetrics) -> None:
+        history.append(asdict(m))
+        if m.step % ft.log_every == 0 or m.step == ft.steps:
+            log.info("fine-tune %s step %d/%d: r_hat %.4f g_hat %.4f KL %.4f objective %.4f", job.method, m.step,
+                     ft.steps, m.r_hat, m.g_hat, m.kl, m.objective)
+        if m.step % ft.checkpoint_every == 0 or m.step == ft.steps:
+            for name, blob in trainer_state_files(tuner, history).items():
+                stage.write_bytes(name, blob)
+
+    tuner.train(ft.steps, on_step)
+    return tuner.policy.trainable.state_dict(), history
+
+
+def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upstream: dict[str, str],
+                   runner: FinetuneRunner = finetune_in_process) -> None:
+    """Fine-tune the pretrained model with ``method``'s conservative reward; resumes an interrupted run."""
+    ft = {k: v for k, v in cfg.section("finetune")["finetune"].items() if k not in ("methods", "log_every")}
+    record = {"finetune": ft, "method": method, "diffusion": cfg.section("diffusion")["diffusion"],
+              "upstream": upstream, "seed": cfg.run.seed}
+    stage = run.stage(f"finetune/{method}")
+    if stage.begin(record, cfg.run.overwrite):
+        log.info("fine-tune %s: reusing %s/finetune/%s", method, run.uri, method)
+        return
+    job = FinetuneJob(run.uri, method, data.d.length)
+    start = time.perf_counter()
+    state, history = runner(cfg, job, stage)
+    stage.write_bytes("trainable.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
+    stage.write_parquet("history.parquet", pd.DataFrame(history))
+    stage.write_json("summary.json", {"method": method, "seconds": time.perf_counter() - start,
+                                      "final": history[-1] if history else {}})
+    stage.write_yaml("config.yaml", cfg.to_dict())
+    stage.finish(record)

@@ -13,7 +13,10 @@ from tests.conftest import ROOT
 
 
 # A small reward ensemble trained in-process keeps these end-to-end runs quick; Ray has its own tests.
-FAST = ("reward.members=2", "reward.epochs=1", "reward.channels=8", "reward.hidden=16", "ray.num_workers=0")
+FAST = ("reward.members=2", "reward.epochs=1", "reward.channels=8", "reward.hidden=16", "ray.num_workers=0",
+        "diffusion.epochs=1", "diffusion.steps=5", "diffusion.channels=8", "diffusion.blocks=1",
+        "diffusion.batch_size=1024", "finetune.k=2", "finetune.steps=2", "finetune.batch_size=8",
+        "finetune.methods=[strl,braid_bonus]", "eval.n_samples=32")
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
@@ -34,10 +37,16 @@ def test_default_task_data_stage_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert len(off) == 32_768 and off["y"].max() < zero["y"].median() + 1e-12
     assert (run / "config.yaml").is_file() and (run / "oracle" / "info.json").is_file()
     assert (run / "reward" / "reward.safetensors").is_file() and "| bonus |" in first.stdout
+    for name in ("report.md", "samples.parquet", "metrics.json", "designs.fasta", "scores.png", "training.png"):
+        assert (run / "eval" / name).is_file(), name
+    samples = pd.read_parquet(run / "eval" / "samples.parquet")
+    assert set(samples["method"]) == {"Offline (top)", "Offline (random)", "Pretrained", "STRL", "BRAID-Bonus"}
+    assert "| BRAID-Bonus | 32 |" in first.stdout
 
     before = (run / "data" / "d_off.parquet").stat().st_mtime_ns
     second = _launch(f"run.dir={run}")
     assert second.returncode == 0 and "data: reusing" in second.stderr and "reward: reusing" in second.stderr
+    assert "pretrain: reusing" in second.stderr and "fine-tune braid_bonus: reusing" in second.stderr
     assert (run / "data" / "d_off.parquet").stat().st_mtime_ns == before
 
 

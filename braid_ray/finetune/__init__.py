@@ -1,0 +1,5 @@
+"""BRAID fine-tuning: the KL-regularised objective and the training loop."""
+
+from braid_ray.finetune.trainer import METHODS, FineTuner, StepMetrics
+
+__all__ = ["METHODS", "FineTuner", "StepMetrics"]

@@ -1,0 +1,129 @@
+"""The fine-tuning loop (Algorithm 1 of the paper): maximise E[r_hat - g_hat] - alpha * E[sum_t KL_t]
+by backpropagation through the sampler's last K steps. STRL, BRAID-Boot and BRAID-Bonus are this same
+loop with the reward's penalty mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from braid_ray.diffusion.sampler import FineTunedPolicy, Rollout, rollout
+
+# method name -> penalty mode of the ConservativeReward
+METHODS = {"strl": "none", "braid_boot": "min", "braid_bonus": "bonus", "braid_lcb": "lcb"}
+
+# x0 (B, L, 4) -> (r_hat, g_hat), each (B,), differentiable in x0.
+RewardFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    objective: float  # mean((r_hat - g_hat) / reward_scale) - alpha * mean(KL)
+    r_hat: float  # batch mean, label scale
+    g_hat: float
+    kl: float  # batch mean of the summed KL over the differentiable steps
+    kl_last_step: float  # the t = 1 term alone
+    grad_norm: float  # before clipping
+    k: int  # differentiable steps this batch
+    onehot_distance: float  # mean |x0| - 1 per coordinate: how far samples sit from the one-hot vertices
+
+
+class FineTuner:
+    """One policy, one reward, one optimizer (created once), and the steps that update them.
+
+    ``batch_size`` is per worker; data-parallel callers pass ``grad_sync``, which averages the gradients
+    over workers after backward. ``reward_scale`` divides the reward so that alpha means the same on every task
+    (the std of y over D_off, so the reward is in z-score units).
+    """
+
+    def __init__(self, policy: FineTunedPolicy, reward_fn: RewardFn, *, alpha: float, k: int, batch_size: int,
+                 lr: float, steps: int, clip: float = 1.0, grad_accum: int = 1, randomize_k: bool = False,
+                 reward_scale: float = 1.0, seed: int = 0, device: torch.device | None = None,
+                 use_checkpoint: bool = True, lr_schedule: str = "cosine",
+                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None):
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        if alpha > 0 and policy.backbone.schedule.eta == 0:
+            raise ValueError("alpha > 0 needs a stochastic sampler (eta > 0): the KL of deterministic steps is undefined")
+        self.policy, self.reward_fn = policy, reward_fn
+        self.alpha, self.k, self.batch_size, self.clip = alpha, k, batch_size, clip
+        self.grad_accum, self.randomize_k, self.reward_scale = grad_accum, randomize_k, reward_scale
+        self.total_steps, self.use_checkpoint, self.grad_sync = steps, use_checkpoint, grad_sync
+        self.device = device or torch.device("cpu")
+        self.params = [p for p in policy.trainable.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(steps, 1))
+                          if lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0))
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.step = 0
+
+    def _k(self) -> int:
+        if not self.randomize_k:
+            return self.k
+        return int(torch.randint(1, self.k + 1, (1,), generator=self.generator))
+
+    def sample(self, n: int, k: int) -> Rollout:
+        return rollout(self.policy, n, k, self.generator, self.device, self.use_checkpoint)
+
+    def loss(self, roll: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """-(mean((r_hat - g_hat) / scale) - alpha * mean(KL)) and the terms, for one rollout."""
+        r_hat, g_hat = self.reward_fn(roll.x0)
+        objective = ((r_hat - g_hat) / self.reward_scale).mean() - self.alpha * roll.kl.mean()
+        terms = {"objective": objective.item(), "r_hat": r_hat.mean().item(), "g_hat": g_hat.mean().item(),
+                 "kl": roll.kl.mean().item(), "kl_last_step": roll.kl_per_step[-1].item(),
+                 "onehot_distance": (roll.x0.detach().abs() - 1).abs().mean().item()}
+        return -objective, terms
+
+    def train_step(self) -> StepMetrics:
+        self.policy.trainable.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        k = self._k()
+        totals: dict[str, float] = {}
+        for _ in range(self.grad_accum):
+            loss, terms = self.loss(self.sample(self.batch_size, k))
+            (loss / self.grad_accum).backward()
+            for key, v in terms.items():
+                totals[key] = totals.get(key, 0.0) + v / self.grad_accum
+        if self.grad_sync is not None:  # data-parallel: average gradients over workers
+            self.grad_sync(self.params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0 else math.inf))
+        if not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in totals.values()):
+            raise FloatingPointError(f"fine-tuning step {self.step + 1}: non-finite loss or gradient ({totals}, "
+                                     f"grad norm {grad_norm}); the last good checkpoint is kept")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return StepMetrics(step=self.step, grad_norm=grad_norm, k=k, **totals)
+
+    def train(self, steps: int | None = None, on_step: Callable[[StepMetrics], None] | None = None) -> list[dict]:
+        history = []
+        while self.step < (steps if steps is not None else self.total_steps):
+            m = self.train_step()
+            history.append(asdict(m))
+            if on_step is not None:
+                on_step(m)
+        return history
+
+    @torch.no_grad()
+    def sample_designs(self, n: int, batch: int = 512) -> torch.Tensor:
+        """x0 (n, L, 4) from the fine-tuned policy, without a graph (for evaluation)."""
+        self.policy.trainable.eval()
+        out = [self.sample(min(batch, n - i), 1).x0 for i in range(0, n, batch)]
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"trainable": self.policy.trainable.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.trainable.load_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])

@@ -1,6 +1,6 @@
 """Reward ensemble: cost of stacking, Ray Train against in-process, and which penalty earns its name.
 
-    .venv/bin/python benchmarks/reward_ensemble.py                  # all parts, about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/reward_ensemble.py                  # both parts; the speed part alone takes about 3 minutes on 2 cores
     .venv/bin/python benchmarks/reward_ensemble.py --part speed     # timing only
 
 Prints Markdown and writes benchmarks/results/reward_ensemble.json. Timings are wall-clock on this machine.

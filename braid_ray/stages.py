@@ -146,7 +146,8 @@ def reward_stage(cfg: Config, run: RunDir, data: DataResult, trainer: MemberTrai
     net, metrics = trainer(cfg, rd)
     train_seconds = time.perf_counter() - start
     reward = assemble(net, rd, cfg.reward)
-    stage.write_bytes("reward.safetensors", reward.to_bytes({"members": metrics, "train_seconds": train_seconds}))
+    stage.write_bytes("reward.safetensors", reward.to_bytes({"members": metrics, "train_seconds": train_seconds,
+                                                            "config": cfg.to_dict()}))
     report = calibration(reward, calibration_sets(data, rd), data.d.codes[s.off][rd.holdout][:1000], cfg.run.seed)
     stage.write_json("calibration.json", report)
     stage.write_text("calibration.md", f"# Reward calibration ({data.task.name})\n\n" + calibration_markdown(report))

@@ -8,6 +8,7 @@ runs under activation checkpointing, so memory grows with K and not with T.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +36,6 @@ class FineTunedPolicy(nn.Module):
         self.backbone, self.parameterization = backbone, parameterization
         self.pretrained = pretrained.eval().requires_grad_(False)
         if parameterization == "full":
-            import copy
-
             self.trainable = copy.deepcopy(pretrained).requires_grad_(True).train()
         else:
             self.trainable = correction if correction is not None else _zero_correction(pretrained)
@@ -58,8 +57,6 @@ def _zero_correction(pretrained: nn.Module) -> nn.Module:
         inp, blocks = pretrained.inp, len(pretrained.blocks)
         net = ConvDenoiser(pretrained.length, inp.out_channels, blocks, inp.kernel_size[0], pretrained.emb_dim)
     else:
-        import copy
-
         net = copy.deepcopy(pretrained)
     last = [m for m in net.modules() if isinstance(m, (nn.Conv1d, nn.Linear))][-1]
     nn.init.zeros_(last.weight)

@@ -59,7 +59,7 @@ def average_gradients(params: list[torch.Tensor]) -> None:
 # Pretraining
 
 
-def _pretrain_worker(config: dict) -> None:
+def _pretrain_worker(config: dict) -> list[float]:
     cfg, rank, world = _setup_worker(config)
     codes = np.asarray(config["codes"], dtype=np.int8)
     shard = codes[rank::world]

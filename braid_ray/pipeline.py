@@ -47,11 +47,11 @@ def finetune_runner(cfg: Config, run_dir: RunDir) -> FinetuneRunner:
     from braid_ray.dist.train import finetune_on_ray
     from braid_ray.finetune.run import read_checkpoint
 
-    def run(c: Config, job, stage):
+    def on_ray(c: Config, job, stage):
         path = finetune_on_ray(c, job, _ray_storage(run_dir, f"finetune/{job.method}"), f"{job.method}-seed{c.run.seed}")
         return read_checkpoint(path)
 
-    return run
+    return on_ray
 
 
 def run(cfg: Config, stages: tuple[str, ...] = ALL_STAGES) -> dict:
@@ -60,7 +60,7 @@ def run(cfg: Config, stages: tuple[str, ...] = ALL_STAGES) -> dict:
     run_dir.stage("").write_yaml("config.yaml", cfg.to_dict())
     data = data_stage(cfg, run_dir)
     summary: dict = {"run_dir": run_dir.uri, "data": data.summary}
-    if "oracle" in stages:
+    if "oracle" in stages or "eval" in stages:  # evaluation needs the oracle
         oracle = oracle_stage(cfg, run_dir, data)
         summary["oracle"] = oracle.info
     if "reward" in stages:

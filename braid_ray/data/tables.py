@@ -40,7 +40,7 @@ class Labelled:
         return pd.DataFrame({"sequence": decode(self.codes), "y": self.y})
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"table not found: {path}")
     if not path.is_file():
@@ -67,7 +67,7 @@ def read_table(path: str | Path, columns: list[str], max_rows: int | None = None
     Returns the frame and a Locator that maps row i back to its file line (text) or row (Parquet).
     """
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     lower = path.name.lower()
     try:
         if lower.endswith((".parquet", ".pq")):

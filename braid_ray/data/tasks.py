@@ -17,7 +17,7 @@ import pyarrow.csv as pacsv
 
 from braid_ray.config import ConfigError, TaskConfig
 from braid_ray.data.encoding import Locator, encode, reverse_complement, to_index
-from braid_ray.data.tables import Labelled, _check_file, labelled_from_frame, merge_duplicates, parse_labels, read_table
+from braid_ray.data.tables import Labelled, check_file, labelled_from_frame, merge_duplicates, parse_labels, read_table
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -45,7 +45,7 @@ class TFBind8(Task):
 
     def load(self) -> Labelled:
         path = self.path
-        _check_file(path)
+        check_file(path)
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rt", errors="replace") as f:
             header = f.readline().rstrip("\r\n").split("\t")

@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from braid_ray.reward.stacked import StackedNet, StackSpec
+from braid_ray.reward.stacked import STACKS, StackedMLP, StackedNet, spec_kind
 
 PENALTIES = ("none", "min", "lcb", "bonus")
 
@@ -53,9 +53,13 @@ class RewardStats:
 
 
 class ConservativeReward(nn.Module):
-    """(soft) one-hot x (B, L, 4) -> (r_hat, g_hat), both (B,) on the label scale and differentiable in x."""
+    """x -> (r_hat, g_hat), both (B,) on the label scale and differentiable in x.
 
-    def __init__(self, net: StackedNet, stats: RewardStats, whiten_mean: torch.Tensor, whiten: torch.Tensor,
+    x is what the members read: (soft) one-hot sequences (B, L, 4) for CNN members, vectors (B, D) (e.g.
+    CLIP image embeddings) for MLP members.
+    """
+
+    def __init__(self, net: StackedNet | StackedMLP, stats: RewardStats, whiten_mean: torch.Tensor, whiten: torch.Tensor,
                  chol: torch.Tensor, penalty: str = "min", strength: float = 1.0):
         super().__init__()
         if penalty not in PENALTIES:
@@ -97,7 +101,7 @@ class ConservativeReward(nn.Module):
         tensors = {f"net.{k}": v.contiguous() for k, v in self.net.state_dict().items()}
         tensors.update(whiten_mean=self.whiten_mean.contiguous(), whiten=self.whiten.contiguous(),
                        chol=self.chol.contiguous())
-        meta = {"spec": json.dumps(asdict(self.net.spec)), "members": json.dumps(self.net.members),
+        meta = {"kind": spec_kind(self.net.spec), "spec": json.dumps(asdict(self.net.spec)), "members": json.dumps(self.net.members),
                 "stats": json.dumps(asdict(self.stats)), "extra": json.dumps(extra or {})}
         return save_safetensors(tensors, metadata=meta)
 
@@ -105,7 +109,8 @@ class ConservativeReward(nn.Module):
     def from_bytes(cls, data: bytes, penalty: str = "min", strength: float = 1.0) -> ConservativeReward:
         tensors = load_safetensors(data)
         meta = _metadata(data)
-        net = StackedNet(StackSpec(**json.loads(meta["spec"])), json.loads(meta["members"]), seed=0)
+        spec_cls, stack_cls = STACKS[meta.get("kind", "cnn")]  # checkpoints before MLP members held CNNs
+        net = stack_cls(spec_cls(**json.loads(meta["spec"])), json.loads(meta["members"]), seed=0)
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         return cls(net, RewardStats(**json.loads(meta["stats"])), tensors["whiten_mean"], tensors["whiten"],
                    tensors["chol"], penalty, strength)

@@ -15,13 +15,18 @@ import torch
 from braid_ray.config import RewardConfig
 from braid_ray.data.encoding import one_hot
 from braid_ray.reward.conservative import PENALTIES, ConservativeReward, RewardStats, bonus, bonus_factor
-from braid_ray.reward.stacked import StackedNet, StackSpec
-from braid_ray.reward.train import TrainSpec
+from braid_ray.reward.stacked import MLPSpec, StackedNet, StackSpec
+from braid_ray.reward.train import TrainSpec, member_inputs
 
 
 def stack_spec(cfg: RewardConfig, length: int) -> StackSpec:
     return StackSpec(length, cfg.channels, cfg.layers, cfg.kernel_size, cfg.hidden, cfg.pool, cfg.diverse,
                      cfg.spectral_norm)
+
+
+def mlp_spec(cfg: RewardConfig, dim: int) -> MLPSpec:
+    """MLP members over D-dimensional vectors (image embeddings), from the same reward section."""
+    return MLPSpec(dim, cfg.hidden, cfg.layers, cfg.spectral_norm)
 
 
 def train_spec(cfg: RewardConfig) -> TrainSpec:
@@ -32,7 +37,7 @@ def train_spec(cfg: RewardConfig) -> TrainSpec:
 class RewardData:
     """D_off split into the rows members train on and calibration rows no member sees."""
 
-    codes: np.ndarray  # (n_train, L)
+    codes: np.ndarray  # (n_train, L) sequence codes, or (n_train, D) vectors for MLP members
     z: np.ndarray  # standardised labels of the training rows
     y_mean: float
     y_std: float
@@ -63,7 +68,7 @@ def _whitening(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def assemble(net: StackedNet, data: RewardData, cfg: RewardConfig, chunk: int = 4096) -> ConservativeReward:
     """Whitening, the bonus Cholesky factor and the penalty scales, all from the members' training rows."""
     net = net.double().eval()
-    x = torch.from_numpy(one_hot(data.codes)).double()
+    x = member_inputs(net.spec, data.codes).double()
     phi = torch.cat([net.features(x[i:i + chunk]) for i in range(0, len(x), chunk)], dim=1)  # (M, n, d)
     m, d = phi.shape[0], phi.shape[2]
     if cfg.whiten:
@@ -103,8 +108,9 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def score(reward: ConservativeReward, x: np.ndarray | torch.Tensor, penalty: str,
           chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(r_hat, g_hat) for codes (N, L) or soft one-hot (N, L, 4) under ``penalty``."""
-    x = torch.from_numpy(one_hot(x)) if isinstance(x, np.ndarray) and x.ndim == 2 else torch.as_tensor(x)
+    """(r_hat, g_hat) for codes (N, L) (integers), soft one-hot (N, L, 4) or vectors (N, D) under ``penalty``."""
+    integer_codes = isinstance(x, np.ndarray) and x.ndim == 2 and np.issubdtype(x.dtype, np.integer)
+    x = torch.from_numpy(one_hot(x)) if integer_codes else torch.as_tensor(x)
     outs = [reward(x[i:i + chunk].float(), penalty) for i in range(0, len(x), chunk)]
     return torch.cat([o[0] for o in outs]).numpy(), torch.cat([o[1] for o in outs]).numpy()
 

@@ -6,6 +6,10 @@ was trained beside (the reward ensemble relies on this to give the same members 
 
 Optional per-member architecture diversity (kernel width, activation) uses fixed masks and mixing
 weights, so the members stay one computation. A kernel width of 1 makes a member an MLP over positions.
+
+Two member types share this bookkeeping: ``StackedNet`` (CNNs over one-hot sequences, ``StackSpec``) and
+``StackedMLP`` (MLPs over vectors such as CLIP image embeddings, ``MLPSpec``); ``build_stack`` picks one
+from the spec, so training, the bonus and checkpoints are the same code for both.
 """
 
 from __future__ import annotations
@@ -52,7 +56,42 @@ def _normalise(w: torch.Tensor, u: torch.Tensor, training: bool) -> torch.Tensor
     return w / sigma.clamp(min=1.0)[:, None, None]
 
 
-class StackedNet(nn.Module):
+class _Stacked(nn.Module):
+    """What every stack of M independent members shares: member ids, per-member state, reassembly."""
+
+    spec: StackSpec | MLPSpec
+    members: list[int]
+
+    @staticmethod
+    def _uniform(shape: tuple[int, ...], fan_in: int, g: torch.Generator) -> torch.Tensor:
+        bound = 1.0 / fan_in**0.5  # torch's default Linear/Conv init
+        return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, phi: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        """The parameters and buffers of the i-th member of this stack (no leading member dimension)."""
+        return {k: v[i].detach().clone() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_members(cls, spec, members: list[int], states: list[dict[str, torch.Tensor]]):
+        net = cls(spec, members, seed=0)
+        net.load_state_dict({k: torch.stack([s[k] for s in states]) for k in states[0]})
+        return net
+
+
+class StackedNet(_Stacked):
     """M members over (soft) one-hot sequences.
 
     ``forward(x)``: x (M, B, L, 4), member m scoring its own batch, or (B, L, 4) scored by every member
@@ -102,15 +141,6 @@ class StackedNet(nn.Module):
             for j, name in enumerate(names):
                 self.register_buffer(name, torch.stack([u[j] for u in u_vecs]))
 
-    @staticmethod
-    def _uniform(shape: tuple[int, ...], fan_in: int, g: torch.Generator) -> torch.Tensor:
-        bound = 1.0 / fan_in**0.5  # torch's default Linear/Conv init
-        return (torch.rand(shape, generator=g) * 2 - 1) * bound
-
-    @property
-    def size(self) -> int:
-        return len(self.members)
-
     def _act(self, h: torch.Tensor, member_dim: int) -> torch.Tensor:
         if not self.spec.diverse:
             return F.relu(h)
@@ -148,15 +178,72 @@ class StackedNet(nn.Module):
         """phi (M, B, hidden) -> (M, B)."""
         return torch.baddbmm(self.dense_b[2][:, None, :], phi, self.dense_w[2]).squeeze(-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
-    def member_state(self, i: int) -> dict[str, torch.Tensor]:
-        """The parameters and buffers of the i-th member of this stack (no leading member dimension)."""
-        return {k: v[i].detach().clone() for k, v in self.state_dict().items()}
+@dataclass(frozen=True)
+class MLPSpec:
+    """Shape of every member of a stack of MLPs over vectors (e.g. L2-normalised CLIP image embeddings)."""
 
-    @classmethod
-    def from_members(cls, spec: StackSpec, members: list[int], states: list[dict[str, torch.Tensor]]) -> StackedNet:
-        net = cls(spec, members, seed=0)
-        net.load_state_dict({k: torch.stack([s[k] for s in states]) for k in states[0]})
-        return net
+    dim: int  # input dimension D
+    hidden: int = 128  # width of every hidden layer = feature dimension d of the bonus
+    layers: int = 2  # hidden layers (>= 1); the last one is phi
+    spectral_norm: bool = False  # bound each hidden layer's spectral norm by 1 (distance-aware features)
+
+
+class StackedMLP(_Stacked):
+    """M MLP members over vectors, as batched matmuls.
+
+    ``forward(x)``: x (M, B, D), member m scoring its own batch, or (B, D) scored by every member -> (M, B).
+    ``features(x)`` -> phi (M, B, hidden), the last hidden layer (ReLU).
+    """
+
+    def __init__(self, spec: MLPSpec, members: list[int], seed: int):
+        super().__init__()
+        if spec.layers < 1:
+            raise ValueError(f"MLPSpec.layers: got {spec.layers}, expected >= 1 hidden layer")
+        self.spec, self.members = spec, list(members)
+        dims = [(spec.dim, spec.hidden)] + [(spec.hidden, spec.hidden)] * (spec.layers - 1) + [(spec.hidden, 1)]
+        weights, biases, u_vecs = [], [], []
+        for member in members:  # seeded by (seed, member id), as for StackedNet
+            g = torch.Generator().manual_seed(seed * 100_003 + member)
+            weights.append([self._uniform((i, o), i, g) for i, o in dims])
+            biases.append([self._uniform((o,), i, g) for i, o in dims])
+            u_vecs.append([F.normalize(torch.randn(o, generator=g), dim=0) for _, o in dims[:-1]])
+        self.dense_w = nn.ParameterList(nn.Parameter(torch.stack([w[j] for w in weights])) for j in range(len(dims)))
+        self.dense_b = nn.ParameterList(nn.Parameter(torch.stack([b[j] for b in biases])) for j in range(len(dims)))
+        if spec.spectral_norm:
+            for j in range(len(dims) - 1):
+                self.register_buffer(f"u_dense{j}", torch.stack([u[j] for u in u_vecs]))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        m, spec = self.size, self.spec
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(m, *x.shape)
+        if x.dim() != 3 or x.shape[0] != m or x.shape[2] != spec.dim:
+            raise ValueError(f"expected (M={m}, B, {spec.dim}) or (B, {spec.dim}), got {tuple(x.shape)}")
+        h = x
+        for j in range(len(self.dense_w) - 1):
+            w = self.dense_w[j]
+            if spec.spectral_norm:
+                w = _normalise(w.transpose(1, 2), getattr(self, f"u_dense{j}"), self.training).transpose(1, 2)
+            h = F.relu(torch.baddbmm(self.dense_b[j][:, None, :], h, w))
+        return h
+
+    def head(self, phi: torch.Tensor) -> torch.Tensor:
+        """phi (M, B, hidden) -> (M, B)."""
+        return torch.baddbmm(self.dense_b[-1][:, None, :], phi, self.dense_w[-1]).squeeze(-1)
+
+
+# member type name -> (spec class, stack class); the name is stored in reward checkpoints
+STACKS: dict[str, tuple[type, type[_Stacked]]] = {"cnn": (StackSpec, StackedNet), "mlp": (MLPSpec, StackedMLP)}
+
+
+def spec_kind(spec: StackSpec | MLPSpec) -> str:
+    for kind, (spec_cls, _) in STACKS.items():
+        if isinstance(spec, spec_cls):
+            return kind
+    raise ValueError(f"unknown member spec {type(spec).__name__}; valid: {[c.__name__ for c, _ in STACKS.values()]}")
+
+
+def build_stack(spec: StackSpec | MLPSpec, members: list[int], seed: int) -> _Stacked:
+    """The stack class that matches ``spec`` (CNN members for StackSpec, MLP members for MLPSpec)."""
+    return STACKS[spec_kind(spec)][1](spec, members, seed)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from braid_ray.data.encoding import one_hot
-from braid_ray.reward.stacked import StackedNet, StackSpec
+from braid_ray.reward.stacked import MLPSpec, StackedNet, StackSpec, build_stack
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,13 @@ class TrainSpec:
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay
     patience: int = 4  # epochs without out-of-bag improvement before a member stops
+
+
+def member_inputs(spec: StackSpec | MLPSpec, x: np.ndarray) -> torch.Tensor:
+    """What the members read: one-hot (N, L, 4) from codes (N, L) for CNN members, float32 (N, D) for MLP members."""
+    if isinstance(spec, MLPSpec):
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return torch.from_numpy(one_hot(x))
 
 
 def bootstrap(n: int, seed: int, member: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,16 +57,17 @@ def _oob_mse(net: StackedNet, x_all: torch.Tensor, z_all: torch.Tensor, pad: np.
     return (total / torch.from_numpy(mask.sum(1))).tolist()
 
 
-def train_members(codes: np.ndarray, z: np.ndarray, members: list[int], spec: StackSpec, train: TrainSpec,
-                  seed: int, progress: bool = True) -> tuple[StackedNet, list[dict]]:
-    """Train ``members`` on standardised labels z of ``codes`` (N, L); each stops on its own out-of-bag rows.
+def train_members(codes: np.ndarray, z: np.ndarray, members: list[int], spec: StackSpec | MLPSpec,
+                  train: TrainSpec, seed: int, progress: bool = True) -> tuple[StackedNet, list[dict]]:
+    """Train ``members`` on standardised labels z of ``codes`` (N, L), or of vectors (N, D) for an MLPSpec;
+    each member stops on its own out-of-bag rows.
 
     Returns the stacked net holding each member's best (lowest out-of-bag MSE) weights, and per-member metrics.
     """
     n = len(codes)
-    x_all = torch.from_numpy(one_hot(codes))
+    x_all = member_inputs(spec, codes)
     z_all = torch.from_numpy(np.asarray(z, dtype=np.float32))
-    net = StackedNet(spec, members, seed)
+    net = build_stack(spec, members, seed)
     opt = torch.optim.AdamW(net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     samples = [bootstrap(n, seed, m) for m in members]
     rngs = [np.random.default_rng([seed, m, 1]) for m in members]
@@ -99,7 +107,7 @@ def train_members(codes: np.ndarray, z: np.ndarray, members: list[int], spec: St
                      " ".join(f"{math.sqrt(b):.3f}" for b in best))
         if not any(active):
             break
-    final = StackedNet.from_members(spec, members, best_state)
+    final = type(net).from_members(spec, members, best_state)
     metrics = [{"member": m, "oob_rmse_std_units": math.sqrt(best[i]), "best_epoch": best_epoch[i],
                 "oob_rows": int(samples[i][1].size), "epochs_run": stopped[i]}
                for i, m in enumerate(members)]

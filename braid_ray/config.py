@@ -110,7 +110,7 @@ class FinetuneConfig:
     strength: float = 1.0  # k: penalty strength of lcb / bonus, in units of std(r_hat) over D_off
     k: int = 20  # differentiable (last) sampler steps
     randomize_k: bool = False  # draw K uniformly from 1..k per batch (AlignProp)
-    parameterization: Literal["residual", "full"] = "residual"  # mu = mu_pre + sigma^2 c(x,t), or a full copy
+    parameterization: Literal["residual", "shift", "full"] = "residual"  # mu_pre + sigma^2 c | mu_pre + sigma c | a copy
     steps: int = 200  # optimizer steps
     batch_size: int = 64  # samples per step per worker
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -120,12 +120,17 @@ class FinetuneConfig:
     straight_through: bool = False  # hard one-hot forward, softmax gradient backward
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     log_every: int = 10  # optimizer steps between progress lines
+    monitor_queries: int = 0  # oracle queries per monitoring point (r over training; never in the loss); 0 = off
+    monitor_every: int = 25  # optimizer steps between monitoring points
 
 
 @dataclass
 class EvalConfig:
     n_samples: int = 640  # designs sampled per method and scored by the oracle
     batch_size: int = 640  # designs per sampling batch
+    grad_ascent: bool = True  # add design-bench's Grad. row: gradient ascent on r_hat from the top of D_off
+    grad_steps: int = 100  # Adam steps of that gradient ascent
+    grad_lr: float = 0.1  # its learning rate on the logits
 
 
 @dataclass
@@ -137,7 +142,48 @@ class RayConfig:
 
 
 @dataclass
+class ImageConfig:
+    """Stable Diffusion fine-tuning (``domain: image``). The DDIM sampler takes its steps and eta from
+    ``diffusion.steps`` / ``diffusion.eta``, the loop its settings from ``finetune.*``, the reward heads
+    (MLP members over CLIP embeddings) theirs from ``reward.*``, and D_off its quantile from ``data.quantile``."""
+
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD hub id or local diffusers folder; "tiny" = toy SD (CPU)
+    revision: str | None = None  # hub revision of model; None = the default branch
+    clip_model: str = "openai/clip-vit-large-patch14"  # CLIP image encoder of the reward (hub id / folder); "tiny" = toy
+    oracle: str = "laion_v2"  # evaluation-oracle head on the CLIP embedding: laion_v2 | laion_v1 (bundled)
+    resolution: int = 512  # image side, pixels (a multiple of the VAE factor: 8 for SD v1.5, 2 for tiny)
+    prompts: str = "simple_animals"  # named prompt set (braid_ray/images/prompts.py)
+    guidance_scale: float = 7.5  # classifier-free guidance weight w (1 = no guidance)
+    lora_rank: int = 4  # LoRA rank on the UNet's attention projections; 0 = full fine-tuning (frozen copy as reference)
+    frozen_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the frozen VAE, text and image encoders
+    offline_images: int = 2000  # images sampled from the pretrained model for D (ignored with offline_table)
+    offline_table: str | None = None  # Parquet with image bytes (PNG/JPEG) and scores, instead of sampled images
+    image_column: str = "image"  # offline_table: column of encoded image bytes
+    score_column: str = "score"  # offline_table: numeric label column
+    label_noise: float = 0.0  # std of Gaussian noise on the oracle's scores of sampled offline images (y = r + noise)
+    embed_batch_size: int = 16  # images per Ray Data batch (offline sampling and CLIP embedding)
+    embed_actors: int = 2  # Ray Data actor-pool size for offline sampling and embedding (global)
+    grid_images: int = 16  # images per method in the evaluation sample grid
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO for the trainable UNet (or its LoRA parameters) of ``domain: image``. Batch sizes are not
+    set here: they derive from finetune.batch_size (micro-batch per worker), finetune.grad_accum and the
+    Ray world size."""
+
+    zero_stage: int = 2  # 2: shard gradients + optimizer state; 3: also the parameters
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # training precision of the trainable module
+    optimizer: Literal["torch", "deepspeed"] = "torch"  # torch Adam (default), or DeepSpeed's Adam (compiles on CPU)
+    offload_optimizer: bool = False  # keep optimizer states in CPU memory (ZeRO-Offload)
+    overlap_comm: bool = False  # overlap gradient reduction with backward (GPUs)
+    bucket_size: int = 50_000_000  # elements per reduce / all-gather bucket
+    param_persistence_threshold: int = 100_000  # ZeRO-3: parameters with fewer elements stay whole on every rank
+
+
+@dataclass
 class Config:
+    domain: Literal["sequence", "image"] = "sequence"  # what is designed: sequences (task.*) or images (image.*)
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -147,6 +193,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -347,12 +395,18 @@ def validate(cfg: Config) -> None:
            "0 when diffusion.eta=0 (the KL of a deterministic sampler is undefined)")
     _check(ft.strength >= 0, "finetune.strength", ft.strength, "a non-negative penalty strength")
     _check(1 <= ft.k <= df.steps, "finetune.k", ft.k, f"an integer in [1, diffusion.steps={df.steps}]")
-    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+    for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "monitor_every"):
         _check(getattr(ft, key) >= 1, f"finetune.{key}", getattr(ft, key), "an integer >= 1")
+    _check(ft.monitor_queries >= 0, "finetune.monitor_queries", ft.monitor_queries, "an integer >= 0 (0 = off)")
     _check(ft.lr > 0, "finetune.lr", ft.lr, "a positive learning rate")
     _check(ft.clip >= 0, "finetune.clip", ft.clip, "a non-negative clipping norm (0 = off)")
     _check(ft.temperature > 0, "finetune.temperature", ft.temperature, "a positive temperature")
     _check(cfg.eval.n_samples >= 2, "eval.n_samples", cfg.eval.n_samples, "an integer >= 2")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "an integer >= 1")
+    _check(cfg.eval.grad_steps >= 0, "eval.grad_steps", cfg.eval.grad_steps, "an integer >= 0")
+    _check(cfg.eval.grad_lr > 0, "eval.grad_lr", cfg.eval.grad_lr, "a positive learning rate")
     _check(cfg.ray.num_workers >= 0, "ray.num_workers", cfg.ray.num_workers, "an integer >= 0 (0 = in-process)")
     _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "a positive CPU count")
+    from braid_ray.images.settings import validate_image_sections
+
+    validate_image_sections(cfg)

@@ -1,7 +1,8 @@
 """The evaluation stage: N designs per method, scored by an oracle the methods never saw.
 
 Methods: Offline (top) = the N best rows of D_off by their measured y, Offline (random) = N random rows
-of D_off, Pretrained, and each fine-tuned method. Writes samples.parquet, designs.fasta, metrics.json,
+of D_off, Grad. = gradient ascent on r_hat from Offline (top) (design-bench's reference optimiser, no
+diffusion model), Pretrained, and each fine-tuned method. Writes samples.parquet, designs.fasta, metrics.json,
 report.md and the plots to eval/.
 """
 
@@ -14,6 +15,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load as load_safetensors
 
+from braid_ray.baselines.grad import gradient_ascent
 from braid_ray.config import Config
 from braid_ray.diffusion.pretrain import build_backbone
 from braid_ray.diffusion.sampler import FineTunedPolicy, rollout
@@ -28,6 +30,7 @@ from braid_ray.stages import DataResult
 
 log = logging.getLogger(__name__)
 
+GRAD = "Grad. (r_hat)"
 LABELS = {"strl": "STRL", "braid_boot": "BRAID-Boot", "braid_bonus": "BRAID-Bonus", "braid_lcb": "BRAID-LCB"}
 
 
@@ -50,6 +53,9 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
         "Offline (top)": off_codes[np.argsort(-off_y)[:n]],
         "Offline (random)": off_codes[rng.choice(len(off_codes), size=min(n, len(off_codes)), replace=False)],
     }
+    reward = load_reward(run.uri, "none", cfg.finetune.strength)
+    if cfg.eval.grad_ascent:
+        codes[GRAD] = gradient_ascent(reward, codes["Offline (top)"], cfg.eval.grad_steps, cfg.eval.grad_lr)
     backbone = build_backbone(cfg.diffusion, d.length, cfg.finetune.temperature, cfg.finetune.straight_through)
     pretrained = load_pretrained(cfg, run.uri, d.length)
     policy = FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization)
@@ -66,7 +72,6 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
         curves[label] = run.stage(f"finetune/{method}").read_parquet("history.parquet")
     scores = {name: oracle.score(c) for name, c in codes.items()}
     best_offline = float(oracle.score(off_codes).max())  # the best offline design, scored like every design
-    reward = load_reward(run.uri, "none", cfg.finetune.strength)
     extra["r_hat"], extra["g_hat"] = {}, {}
     for method in methods:
         r, g = score(reward, codes[LABELS[method]], METHODS[method])

@@ -60,7 +60,7 @@ def run(cfg: Config, stages: tuple[str, ...] = ALL_STAGES) -> dict:
     run_dir.stage("").write_yaml("config.yaml", cfg.to_dict())
     data = data_stage(cfg, run_dir)
     summary: dict = {"run_dir": run_dir.uri, "data": data.summary}
-    if "oracle" in stages or "eval" in stages:  # evaluation needs the oracle
+    if "oracle" in stages or "eval" in stages or cfg.finetune.monitor_queries > 0:  # these need the oracle
         oracle = oracle_stage(cfg, run_dir, data)
         summary["oracle"] = oracle.info
     if "reward" in stages:

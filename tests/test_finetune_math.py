@@ -54,7 +54,7 @@ def test_policy_mean_inverts_the_forward_process_for_a_perfect_denoiser() -> Non
     assert c_eps**2 + sigma**2 == pytest.approx(1 - sap**2, abs=1e-6)  # DDIM keeps q(x_{t-1} | x0)
 
 
-@pytest.mark.parametrize("parameterization", ["residual", "full"])
+@pytest.mark.parametrize("parameterization", ["residual", "shift", "full"])
 def test_kl_is_zero_at_the_pretrained_policy(parameterization: str) -> None:
     roll = rollout(_policy(parameterization), 16, k=8)
     assert roll.kl.abs().max().item() < 1e-10 and roll.kl_per_step.shape == (8,)

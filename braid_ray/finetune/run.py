@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from braid_ray.config import Config
 from braid_ray.diffusion.pretrain import build_backbone, build_denoiser
 from braid_ray.diffusion.sampler import FineTunedPolicy
-from braid_ray.finetune.trainer import METHODS, FineTuner
+from braid_ray.finetune.trainer import METHODS, FineTuner, Monitor
 from braid_ray.reward.conservative import ConservativeReward
 from braid_ray.rundir import RunDir
 
@@ -53,7 +54,23 @@ def build_finetuner(cfg: Config, job: FinetuneJob, seed: int,
 
     return FineTuner(policy, reward_fn, alpha=ft.alpha, k=ft.k, batch_size=ft.batch_size, lr=ft.lr, steps=ft.steps,
                      clip=ft.clip, grad_accum=ft.grad_accum, randomize_k=ft.randomize_k,
-                     reward_scale=reward.stats.y_std, seed=seed, grad_sync=grad_sync)
+                     reward_scale=reward.stats.y_std, seed=seed, grad_sync=grad_sync,
+                     monitor=oracle_monitor(cfg, job.run_dir) if ft.monitor_queries > 0 else None,
+                     monitor_every=ft.monitor_every, monitor_queries=_share(ft.monitor_queries))
+
+
+def oracle_monitor(cfg: Config, run_dir: str) -> Monitor:
+    """The task's oracle, from the (finished) data and oracle stages of ``run_dir``: for monitoring only."""
+    from braid_ray.stages import data_stage, oracle_stage  # stages builds fine-tuners: import here, not above
+
+    run = RunDir(run_dir)
+    return oracle_stage(cfg, run, data_stage(cfg, run)).score
+
+
+def _share(queries: int) -> int:
+    """This worker's share of a query budget when data-parallel (the budget is global, like the batch)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return max(1, queries // world) if queries > 0 else 0
 
 
 def trainer_state_files(tuner: FineTuner, history: list[dict]) -> dict[str, bytes]:

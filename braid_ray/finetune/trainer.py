@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from braid_ray.diffusion.sampler import FineTunedPolicy, Rollout, rollout
@@ -18,6 +19,8 @@ METHODS = {"strl": "none", "braid_boot": "min", "braid_bonus": "bonus", "braid_l
 
 # x0 (B, L, 4) -> (r_hat, g_hat), each (B,), differentiable in x0.
 RewardFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# hard designs, codes (n, L) -> oracle scores (n,): monitoring only, never part of the objective.
+Monitor = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -31,6 +34,8 @@ class StepMetrics:
     grad_norm: float  # before clipping
     k: int  # differentiable steps this batch
     onehot_distance: float  # mean |x0| - 1 per coordinate: how far samples sit from the one-hot vertices
+    oracle: float = math.nan  # mean oracle score of fresh samples, on monitored steps only (NaN otherwise)
+    oracle_queries: int = 0  # oracle queries spent at this step
 
 
 class FineTuner:
@@ -38,14 +43,17 @@ class FineTuner:
 
     ``batch_size`` is per worker; data-parallel callers pass ``grad_sync``, which averages the gradients
     over workers after backward. ``reward_scale`` divides the reward so that alpha means the same on every task
-    (the std of y over D_off, so the reward is in z-score units).
+    (the std of y over D_off, so the reward is in z-score units). ``monitor``, when given, scores
+    ``monitor_queries`` fresh hard samples with the oracle every ``monitor_every`` steps, for the r_hat-vs-r
+    picture; the scores never reach the loss.
     """
 
     def __init__(self, policy: FineTunedPolicy, reward_fn: RewardFn, *, alpha: float, k: int, batch_size: int,
                  lr: float, steps: int, clip: float = 1.0, grad_accum: int = 1, randomize_k: bool = False,
                  reward_scale: float = 1.0, seed: int = 0, device: torch.device | None = None,
                  use_checkpoint: bool = True, lr_schedule: str = "cosine",
-                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None):
+                 grad_sync: Callable[[list[torch.Tensor]], None] | None = None, monitor: Monitor | None = None,
+                 monitor_every: int = 0, monitor_queries: int = 0):
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         if alpha > 0 and policy.backbone.schedule.eta == 0:
@@ -60,6 +68,7 @@ class FineTuner:
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(steps, 1))
                           if lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0))
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.monitor, self.monitor_every, self.monitor_queries = monitor, monitor_every, monitor_queries
         self.step = 0
 
     def _k(self) -> int:
@@ -98,7 +107,15 @@ class FineTuner:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return StepMetrics(step=self.step, grad_norm=grad_norm, k=k, **totals)
+        metrics = StepMetrics(step=self.step, grad_norm=grad_norm, k=k, **totals)
+        if self.monitor is not None and self.monitor_queries > 0 and self.monitor_every > 0 and (
+                self.step % self.monitor_every == 0 or self.step == self.total_steps):
+            # its own generator, so that monitoring leaves the training trajectory unchanged
+            g = torch.Generator(device=self.device).manual_seed(int(self.generator.initial_seed()) + self.step)
+            codes = self.policy.backbone.decode(self.sample_designs(self.monitor_queries, generator=g)).numpy()
+            metrics.oracle = float(np.mean(self.monitor(codes)))
+            metrics.oracle_queries = self.monitor_queries
+        return metrics
 
     def train(self, steps: int | None = None, on_step: Callable[[StepMetrics], None] | None = None) -> list[dict]:
         history = []
@@ -110,10 +127,11 @@ class FineTuner:
         return history
 
     @torch.no_grad()
-    def sample_designs(self, n: int, batch: int = 512) -> torch.Tensor:
+    def sample_designs(self, n: int, batch: int = 512, generator: torch.Generator | None = None) -> torch.Tensor:
         """x0 (n, L, 4) from the fine-tuned policy, without a graph (for evaluation)."""
         self.policy.trainable.eval()
-        out = [self.sample(min(batch, n - i), 1).x0 for i in range(0, n, batch)]
+        g = generator or self.generator
+        out = [rollout(self.policy, min(batch, n - i), 1, g, self.device, False).x0 for i in range(0, n, batch)]
         return torch.cat(out)
 
     def state_dict(self) -> dict:

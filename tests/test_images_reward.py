@@ -48,3 +48,32 @@ def test_mlp_member_weights_do_not_depend_on_grouping() -> None:
         torch.testing.assert_close(together.state_dict()[key][2], value[0])
     with pytest.raises(ValueError, match=r"expected \(M=3, B, 8\) or \(B, 8\)"):
         together.features(torch.zeros(2, 5))
+
+
+GOLDEN_V2 = [1.6555, 2.3593, 3.0698, 3.6725, 4.2380, 4.7010, 5.0731, 5.3654, 5.5767, 5.7468]
+GOLDEN_V1 = [-2.4579, -0.1379, 1.8951, 3.5849, 5.0997, 6.4701, 7.7870, 9.0480, 10.2264, 11.3044]
+
+
+@pytest.mark.parametrize("name, golden", [("laion_v2", GOLDEN_V2), ("laion_v1", GOLDEN_V1)])
+def test_laion_heads_reproduce_their_golden_scores(name: str, golden: list[float]) -> None:
+    from braid_ray.images.aesthetic import laion_head, reference_embeddings
+
+    emb = torch.nn.functional.normalize(torch.from_numpy(reference_embeddings()), dim=-1)
+    scores = laion_head(name)(emb)
+    assert scores.shape == (10,)
+    np.testing.assert_allclose(scores.numpy(), golden, atol=1e-4)
+    assert not any(p.requires_grad for p in laion_head(name).parameters())
+
+
+def test_clip_embedding_is_unit_norm_and_differentiable_in_the_pixels() -> None:
+    from braid_ray.images.aesthetic import ClipEmbedder, from_uint8, load_image_encoder, to_uint8
+
+    embedder = ClipEmbedder(load_image_encoder("tiny"))
+    images = (torch.rand(3, 3, 32, 32) * 2 - 1).requires_grad_(True)  # resized to the encoder's 16 px
+    emb = embedder(images)
+    assert emb.shape == (3, 768)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    emb[:, 0].sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    back = from_uint8(to_uint8(images))
+    assert (back - images.detach()).abs().max() <= 1 / 127.5 + 1e-6

@@ -1,0 +1,114 @@
+"""BRAID fine-tuning of Stable Diffusion: the sequence path's FineTuner with an image rollout and reward.
+
+The objective, its terms, randomised K and the torch optimizer (Adam, created once) all come from
+``braid_ray.finetune.FineTuner``; this module supplies the image rollout (``sample``) and, under DeepSpeed,
+a ``train_step`` that lets the ZeRO engine own backward and the update (the engine wraps the FineTuner's Adam).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from braid_ray.config import Config
+from braid_ray.finetune.trainer import METHODS, FineTuner, StepMetrics
+from braid_ray.images.aesthetic import ClipEmbedder, ImageReward, laion_head, load_image_encoder
+from braid_ray.images.components import DTYPES, load_components
+from braid_ray.images.prompts import sample_prompts
+from braid_ray.images.sampler import DDIMSchedule, ImagePolicy, ImageRollout, SDBackbone, image_rollout
+from braid_ray.reward.conservative import ConservativeReward
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections, as diffusers' LoRA examples
+
+
+def add_lora(unet: nn.Module, rank: int, seed: int) -> nn.Module:
+    """Freeze ``unet`` and add LoRA adapters; B starts at zero, so the policy starts at the pretrained one."""
+    unet.requires_grad_(False)
+    torch.manual_seed(seed)  # the same A on every rank
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    return unet
+
+
+def build_policy(cfg: Config, device: torch.device) -> ImagePolicy:
+    """The pretrained SD with LoRA adapters (``image.lora_rank > 0``) or a trainable UNet and its frozen copy."""
+    im = cfg.image
+    comps = load_components(im.model, im.revision).to(device, DTYPES[im.frozen_dtype])
+    backbone = SDBackbone(comps, DDIMSchedule(comps.scheduler, cfg.diffusion.steps, cfg.diffusion.eta), im.resolution)
+    if im.lora_rank > 0:
+        return ImagePolicy(backbone, add_lora(comps.unet, im.lora_rank, cfg.run.seed), im.guidance_scale)
+    reference = copy.deepcopy(comps.unet).to(dtype=DTYPES[im.frozen_dtype])
+    return ImagePolicy(backbone, comps.unet.requires_grad_(True), im.guidance_scale, reference)
+
+
+def load_image_reward(cfg: Config, reward_bytes: bytes, method: str, device: torch.device) -> ImageReward:
+    """CLIP embedder + the conservative heads under ``method``'s penalty + the oracle head (monitoring only)."""
+    embedder = ClipEmbedder(load_image_encoder(cfg.image.clip_model).to(device, DTYPES[cfg.image.frozen_dtype]))
+    heads = ConservativeReward.from_bytes(reward_bytes, penalty=METHODS[method], strength=cfg.finetune.strength)
+    return ImageReward(embedder, heads, laion_head(cfg.image.oracle)).to(device)
+
+
+class ImageFineTuner(FineTuner):
+    """FineTuner over images: x0 are SD latents, decoded by the VAE, embedded by CLIP, scored by the heads.
+
+    Without an engine it trains with the FineTuner's own torch step (one process); ``attach(engine)`` hands
+    backward and the update to a DeepSpeed engine built around the same UNet and Adam. ``last_oracle`` is the
+    oracle's mean score of the last step's training images: logged for the r_hat-vs-oracle curves, never in
+    the loss.
+    """
+
+    def __init__(self, policy: ImagePolicy, reward: ImageReward, cfg: Config, seed: int,
+                 device: torch.device | None = None):
+        ft = cfg.finetune
+        self.image_reward, self.prompt_set = reward, cfg.image.prompts
+        self._oracle: list[torch.Tensor] = []
+        self.last_oracle = math.nan
+        self.engine = None
+        super().__init__(policy, self._reward, alpha=ft.alpha, k=ft.k, batch_size=ft.batch_size, lr=ft.lr,
+                         steps=ft.steps, clip=ft.clip, grad_accum=ft.grad_accum, randomize_k=ft.randomize_k,
+                         reward_scale=reward.reward.stats.y_std, seed=seed, device=device)
+
+    def _reward(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.image_reward.embedder(self.policy.decode(x0))
+        with torch.no_grad():
+            self._oracle.append(self.image_reward.oracle_head(emb.detach()))
+        return self.image_reward.reward(emb)
+
+    def sample(self, n: int, k: int) -> ImageRollout:
+        prompts = sample_prompts(self.prompt_set, n, self.generator)
+        return image_rollout(self.policy, prompts, k, self.generator, self.use_checkpoint)
+
+    def attach(self, engine) -> None:
+        """Train through a DeepSpeed engine whose module is ``policy.unet`` (and whose optimizer wraps ours)."""
+        self.engine = engine
+
+    def train_step(self) -> StepMetrics:
+        self._oracle = []
+        metrics = super().train_step() if self.engine is None else self._engine_step()
+        self.last_oracle = float(torch.cat(self._oracle).mean()) if self._oracle else math.nan
+        return metrics
+
+    def _engine_step(self) -> StepMetrics:
+        """One optimizer step through DeepSpeed: backward per micro-batch (the engine reduces and partitions
+        the gradients), ``engine.step()`` after each (it updates at the accumulation boundary only)."""
+        self.policy.trainable.train()
+        k = self._k()
+        totals: dict[str, float] = {}
+        for _ in range(self.grad_accum):
+            loss, terms = self.loss(self.sample(self.batch_size, k))
+            for key, v in terms.items():
+                totals[key] = totals.get(key, 0.0) + v / self.grad_accum
+            if not all(math.isfinite(v) for v in totals.values()):
+                raise FloatingPointError(f"fine-tuning step {self.step + 1}: non-finite loss ({totals}); "
+                                         "the last good checkpoint is kept")
+            self.engine.backward(loss / self.grad_accum, scale_wrt_gas=False)  # already divided by grad_accum
+            self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        self.step += 1
+        return StepMetrics(step=self.step, grad_norm=float(norm) if norm is not None else math.nan, k=k, **totals)

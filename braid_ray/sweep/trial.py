@@ -1,0 +1,132 @@
+"""One sweep trial without Ray: fine-tune from the shared upstream models, then spend the oracle budget.
+
+The trial reports the conservative objective after every in-trial step (what early stopping may act on)
+and, once, its final metrics with the oracle scores of ``budget`` final samples (what selection uses).
+The oracle is queried only there, exactly ``budget`` times per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from braid_ray.config import Config
+from braid_ray.eval import distinct
+from braid_ray.evaluate import sample_codes
+from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_reward, load_trainer_state, trainer_state_files
+from braid_ray.finetune.trainer import METHODS, FineTuner
+from braid_ray.oracles import Oracle
+from braid_ray.reward.fit import score
+from braid_ray.rundir import RunDir
+from braid_ray.stages import DataResult, data_stage, oracle_stage
+from braid_ray.sweep.spec import METRIC, OBJECTIVE
+
+FINAL_FILE = "final.json"  # in a trial's last checkpoint: its final report
+# Training metrics every report carries (the last step's, for the final report).
+TRAIN_KEYS = ("step", OBJECTIVE, "r_hat", "g_hat", "kl")
+# (trial config, job) -> (trainable state dict, per-step history): fine-tuning outside this process (Ray Train).
+RemoteFinetune = Callable[[Config, FinetuneJob], tuple[dict, list[dict]]]
+
+
+class TrialReporter(Protocol):
+    """Where a trial sends its metrics and checkpoints (Ray Tune in a sweep; a list in a test)."""
+
+    def checkpoint_files(self) -> dict[str, bytes] | None:
+        """The files of the trial's last checkpoint, if it is being resumed."""
+        ...
+
+    def report(self, metrics: dict[str, float], files: dict[str, bytes] | None = None) -> None:
+        ...
+
+
+def load_upstream(base: Config) -> tuple[DataResult, Oracle]:
+    """The data splits and the oracle of the base run directory (stages reused, never recomputed here)."""
+    run = RunDir(base.run.dir)
+    data = data_stage(base, run)
+    return data, oracle_stage(base, run, data)
+
+
+def spend_budget(tuner: FineTuner, cfg: Config, run_dir: str, method: str, oracle: Oracle, budget: int
+                 ) -> dict[str, float]:
+    """Sample ``budget`` hard designs from the tuner's policy and score them: the oracle's ``budget`` queries,
+    and r_hat / g_hat of the same designs (seeded by ``run.seed``)."""
+    codes, _ = sample_codes(tuner.policy, budget, budget, cfg.run.seed)
+    oracle_scores = oracle.score(codes)
+    assert oracle_scores.shape == (budget,)
+    penalty = METHODS[method]
+    r_hat, g_hat = score(load_reward(run_dir, penalty, cfg.finetune.strength), codes, penalty)
+    return {METRIC: float(np.mean(oracle_scores)), "oracle_std": float(np.std(oracle_scores)),
+            "oracle_max": float(np.max(oracle_scores)), "oracle_queries": int(budget),
+            "sample_r_hat": float(np.mean(r_hat)), "sample_g_hat": float(np.mean(g_hat)),
+            "distinct": distinct(codes)}
+
+
+def _train_metrics(m: dict) -> dict[str, float]:
+    # The oracle keys are present (NaN, 0 queries) in every report, so the rows line up and a searcher that
+    # optimises the oracle score sees the key; before the budget is spent it has no value.
+    return {k: float(m[k]) for k in TRAIN_KEYS} | {METRIC: math.nan, "oracle_queries": 0}
+
+
+def _train_in_trial(tuner: FineTuner, cfg: Config, reporter: TrialReporter, files: dict[str, bytes] | None
+                    ) -> list[dict]:
+    """The fine-tuning loop from checkpoint ``files`` (if any), reporting every step but the last (which the
+    final report carries)."""
+    history: list[dict] = []
+    if files is not None:  # resumed after an interruption
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, blob in files.items():
+                Path(tmp, name).write_bytes(blob)
+            history = load_trainer_state(tuner, Path(tmp))
+    ft = cfg.finetune
+    while tuner.step < ft.steps:
+        history.append(asdict(tuner.train_step()))
+        if tuner.step < ft.steps:
+            checkpoint = tuner.step % ft.checkpoint_every == 0
+            reporter.report(_train_metrics(history[-1]),
+                            trainer_state_files(tuner, history) if checkpoint else None)
+    return history
+
+
+def run_trial(cfg: Config, base: Config, budget: int, reporter: TrialReporter,
+              remote: RemoteFinetune | None = None) -> dict[str, float]:
+    """Fine-tune ``cfg``'s one method on the base run's reward and pretrained model, in this process or with
+    ``remote`` (Ray Train), then spend ``budget`` oracle queries on its final samples; returns the final report.
+
+    A trial resumed after it finished (Tune's experiment state can lag behind its trials) reports its recorded
+    result again: it neither trains nor queries the oracle twice.
+    """
+    files = reporter.checkpoint_files()
+    if files is not None and FINAL_FILE in files:
+        final = json.loads(files[FINAL_FILE])
+        reporter.report(final)
+        return final
+    data, oracle = load_upstream(base)
+    method = cfg.finetune.methods[0]
+    job = FinetuneJob(RunDir(base.run.dir).uri, method, data.d.length)
+    tuner = build_finetuner(cfg, job, seed=cfg.run.seed)
+    if remote is None:
+        history = _train_in_trial(tuner, cfg, reporter, files)
+    else:
+        state, history = remote(cfg, job)
+        tuner.policy.trainable.load_state_dict(state)
+    final = _train_metrics(history[-1]) | spend_budget(tuner, cfg, job.run_dir, method, oracle, budget)
+    final["finished_at"] = time.time()  # unix time the budget was spent: unchanged when a sweep resumes
+    reporter.report(final, trainer_state_files(tuner, history) | {FINAL_FILE: json.dumps(final).encode()})
+    return final
+
+
+def pretrained_reference(base: Config, budget: int) -> dict[str, float]:
+    """The same budget spent on the pretrained model (a fine-tuner at step 0), for the results' reference line."""
+    data, oracle = load_upstream(base)
+    method = base.finetune.methods[0]
+    tuner = build_finetuner(base, FinetuneJob(RunDir(base.run.dir).uri, method, data.d.length), seed=base.run.seed)
+    return spend_budget(tuner, base, RunDir(base.run.dir).uri, method, oracle, budget) | {
+        "best_offline_y": float(data.summary["best_offline_y"])}

@@ -37,11 +37,11 @@ def parse(description: str, argv: list[str] | None = None, default_config: str |
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a launch script's main; user errors (bad config, bad table, changed stage) print one clear line
-    and exit 2 instead of a traceback. BRAID_DEBUG=1 shows the traceback."""
+    """Run a launch script's main; user errors (bad config, bad table, changed stage, a diverged fine-tuning)
+    print one clear line and exit 2 instead of a traceback. BRAID_DEBUG=1 shows the traceback."""
     try:
         main()
-    except (ConfigError, StageConflict, FileNotFoundError, ValueError) as e:
+    except (ConfigError, StageConflict, FileNotFoundError, ValueError, FloatingPointError) as e:
         if os.environ.get("BRAID_DEBUG"):
             raise
         log.error("%s", e)

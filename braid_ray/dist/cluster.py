@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -15,28 +16,52 @@ log = logging.getLogger(__name__)
 # Every Ray worker gets one BLAS/OpenMP thread per CPU it was given (set again in the worker from its config).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
+# Set by `ray job submit` in the driver's environment: the job's runtime env, as JSON.
+JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def worker_env() -> dict[str, str]:
+    """WORKER_ENV minus the variables a submitted job's runtime env already sets.
+
+    Ray refuses to start a job's driver whose ``ray.init(runtime_env=...)`` sets an env var that the job's own
+    runtime env (e.g. cluster/runtime_env.yaml) also sets, even to the same value.
+    """
+    job = json.loads(os.environ.get(JOB_CONFIG_VAR) or "{}")
+    taken = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in WORKER_ENV.items() if k not in taken}
+
 
 def init(cfg: RayConfig) -> None:
-    """Connect to ``cfg.address`` or the job's cluster (RAY_ADDRESS), else start a local Ray on this machine."""
+    """Join ``cfg.address`` or the job's cluster (RAY_ADDRESS, set by `ray job submit`), else start a local Ray."""
     if ray.is_initialized():
         return
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=os.environ.get("BRAID_RAY_QUIET", "") != "1", include_dashboard=False if address is None else None,
-             runtime_env={"env_vars": WORKER_ENV})
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        raise ValueError(f"ray address {address} is a dashboard (Jobs API) address, which `ray job submit --address` "
+                         "takes; a script joins a cluster by its GCS address (host:6379) or 'auto'. Submit this "
+                         "script with `ray job submit`, or unset RAY_ADDRESS to run on a local Ray")
+    ray.init(address=address, log_to_driver=os.environ.get("BRAID_RAY_QUIET", "") != "1",
+             include_dashboard=False if address is None else None, runtime_env={"env_vars": worker_env()})
     log.info("ray: %s, resources %s", "joined " + address if address else "started a local cluster",
              {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
 
 
 def scaling(cfg: RayConfig, num_workers: int) -> ScalingConfig:
-    """A ScalingConfig for ``num_workers`` workers, checked against the cluster so it fails instead of waiting."""
+    """A ScalingConfig for ``num_workers`` workers, checked against the cluster so it fails instead of waiting.
+
+    On an autoscaling cluster (BRAID_AUTOSCALING=1, set by cluster/runtime_env.yaml and the KubeRay RayJob) the
+    worker nodes may not exist yet, so the check is left to the autoscaler and Ray Train.
+    """
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     sc = ScalingConfig(num_workers=num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+    if os.environ.get("BRAID_AUTOSCALING", "") == "1":
+        log.info("ray: %d workers x %s requested from the autoscaler", num_workers, resources)
+        return sc
     have = ray.cluster_resources()
-    autoscaling = os.environ.get("BRAID_AUTOSCALING", "") == "1"
     for key, need in sc.total_resources.items():
-        if key in ("CPU", "GPU") and have.get(key, 0) < need and not autoscaling:
+        if key in ("CPU", "GPU") and have.get(key, 0) < need:
             raise ValueError(
                 f"ray: {num_workers} workers x {resources} need {key}={need:g}, the cluster has {have.get(key, 0):g}; "
                 "lower ray.num_workers or ray.cpus_per_worker (or set BRAID_AUTOSCALING=1 on an autoscaling cluster)")

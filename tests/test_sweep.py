@@ -18,7 +18,8 @@ import yaml
 from braid_ray import pipeline
 from braid_ray.config import ConfigError, load_config
 from braid_ray.sweep import load_sweep
-from braid_ray.sweep.results import best_config_yaml, best_params, seed_markdown, seed_table, trials_frame
+from braid_ray.sweep.results import (best_config_yaml, best_params, score_map, seed_markdown, seed_table,
+                                     trials_frame)
 from tests.conftest import ROOT
 
 # Tiny models on TFBind8; trials fine-tune in-trial (ray.num_workers=0).
@@ -76,6 +77,7 @@ BAD = [
     ({"sweep": {"search_alg": "bayes"}}, "sweep.search_alg: got 'bayes'"),
     ({"serch": {}}, "unknown top-level key serch (did you mean search?)"),
     ({"overrides": ["finetune.methods=[strl,braid_bonus]"]}, "a sweep trial fine-tunes one method"),
+    ({"search": {"finetune.monitor_queries": {"grid": [0, 16]}}}, "finetune.monitor_queries: got 16; a sweep"),
     ({"overrides": ["ray.num_workers=1"], "sweep": {"asha": {"enabled": True}}},
      "early stopping needs a report per fine-tuning step"),
 ]
@@ -154,6 +156,13 @@ def test_selection_uses_the_mean_over_seeds_not_one_lucky_seed(tmp_path: Path) -
     best = load_config(tmp_path / "best.yaml")
     assert best.finetune.alpha == 1.0 and best.run.seed == 7  # the base seed: the upstream models' seed
     assert text.startswith("# Best configuration of sweep sel") and "32 in the whole sweep" in text
+
+    # The picture: a heatmap over listed values, a scatter over drawn ones; none without both keys.
+    search = {"finetune.alpha": {"loguniform": [0.01, 10.0]}, "finetune.strength": {"uniform": [0.0, 2.0]}}
+    drawn = trials.assign(**{"finetune.strength": [0.5, 0.7, 1.1, 1.3, 0.2, 0.4]})
+    png = score_map(drawn, search, {"finetune.alpha": 1.0, "finetune.strength": 1.1}, None, "t")
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert score_map(trials, {"finetune.alpha": {"grid": [0.1, 1.0]}}, {"finetune.alpha": 1.0}, None, "t") is None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from braid_ray.sweep.spec import METRIC, SEED_KEY, Sweep, set_dotted, trial_config  # noqa: E402
 
@@ -105,23 +106,21 @@ def best_config_yaml(sweep: Sweep, params: dict, table: pd.DataFrame, queries: i
     return "".join(f"# {line}\n" for line in header) + yaml.safe_dump(tree, sort_keys=False)
 
 
-def _label(v: float) -> str:
-    return f"{v:g}"
-
-
-def score_map(trials: pd.DataFrame, keys: list[str], reference: dict | None, title: str) -> bytes | None:
+def score_map(trials: pd.DataFrame, search: dict[str, dict[str, list]], best: dict, reference: dict | None,
+              title: str) -> bytes | None:
     """PNG of the mean oracle score over alpha x penalty strength (averaged over seeds and any other key):
-    a heatmap when the values form a grid, a scatter otherwise. None if either key was not searched."""
-    if ALPHA not in keys or STRENGTH not in keys:
+    a heatmap when both take listed values (grid / choice), a scatter when either is drawn from a range; the
+    selected configuration ``best`` is outlined in red. None if either key was not searched."""
+    if ALPHA not in search or STRENGTH not in search:
         return None
+    listed = all(kind in ("grid", "choice") for key in (ALPHA, STRENGTH) for kind in search[key])
     done = trials[trials["status"] == "finished"]
     if done.empty:
         return None
-    cells = done.groupby([STRENGTH, ALPHA])[METRIC].agg(["mean", "std", "size"]).reset_index()
+    cells = done.groupby([STRENGTH, ALPHA])[METRIC].agg(["mean", "std"]).reset_index()
     alphas, strengths = sorted(cells[ALPHA].unique()), sorted(cells[STRENGTH].unique())
     fig, ax = plt.subplots(figsize=(1.6 + 1.25 * min(len(alphas), 8), 1.4 + 0.9 * min(len(strengths), 8)))
-    best = cells.loc[cells["mean"].idxmax()]
-    if len(alphas) * len(strengths) <= 64 and len(cells) * 2 >= len(alphas) * len(strengths):
+    if listed and len(alphas) * len(strengths) <= 64:
         grid = np.full((len(strengths), len(alphas)), np.nan)
         for _, c in cells.iterrows():
             grid[strengths.index(c[STRENGTH]), alphas.index(c[ALPHA])] = c["mean"]
@@ -134,13 +133,14 @@ def score_map(trials: pd.DataFrame, keys: list[str], reference: dict | None, tit
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if dark else "white")
         bi, bj = strengths.index(best[STRENGTH]), alphas.index(best[ALPHA])
         ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-        ax.set_xticks(range(len(alphas)), [_label(a) for a in alphas])
-        ax.set_yticks(range(len(strengths)), [_label(s) for s in strengths])
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_yticks(range(len(strengths)), [f"{v:g}" for v in strengths])
     else:
         image = ax.scatter(cells[ALPHA], cells[STRENGTH], c=cells["mean"], cmap="viridis", s=60)
         ax.scatter([best[ALPHA]], [best[STRENGTH]], s=160, facecolors="none", edgecolors="red", linewidths=2)
         if cells[ALPHA].min() > 0:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("alpha (KL weight, finetune.alpha)")
     ax.set_ylabel("penalty strength (finetune.strength)")
     bar = fig.colorbar(image, ax=ax)

@@ -128,6 +128,12 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     for key, value in params.items():
         set_dotted(tree, key, value)
     cfg = from_dict(tree)
+    if cfg.domain != "sequence":
+        raise ConfigError(f"domain: got {cfg.domain!r}; sweeps run the sequence pipeline (domain: sequence)")
+    if cfg.finetune.monitor_queries > 0:
+        raise ConfigError(f"finetune.monitor_queries: got {cfg.finetune.monitor_queries}; a sweep queries the oracle "
+                          "only through its explicit budget (sweep.oracle_budget, on each trial's final samples): "
+                          "set 0")
     if len(cfg.finetune.methods) != 1:
         raise ConfigError(f"finetune.methods: got {cfg.finetune.methods}, a sweep trial fine-tunes one method; "
                           "set e.g. finetune.methods=[braid_bonus] in base.overrides")

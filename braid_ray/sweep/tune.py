@@ -265,7 +265,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     }
     out.write_text("seeds.csv", seeds.to_csv(index=False))
     out.write_text("seeds.md", seed_markdown(seeds, keys) + "\n")
-    png = score_map(trials, keys, reference, f"{sweep.name}: {sweep.method}, mean oracle score of "
+    png = score_map(trials, sweep.search, best, reference, f"{sweep.name}: {sweep.method}, mean oracle score of "
                                              f"{sweep.settings.oracle_budget} samples per trial")
     if png is not None:
         out.write_bytes("heatmap.png", png)

@@ -17,7 +17,7 @@ import yaml
 
 from braid_ray import pipeline
 from braid_ray.config import ConfigError, load_config
-from braid_ray.sweep import load_sweep
+from braid_ray.sweep import load_sweep, trial_config
 from braid_ray.sweep.results import (best_config_yaml, best_params, score_map, seed_markdown, seed_table,
                                      trials_frame)
 from tests.conftest import ROOT
@@ -57,7 +57,7 @@ def test_committed_sweep_files_load() -> None:
         assert sweep.search and sweep.method
     tfbind = load_sweep(ROOT / "configs" / "sweeps" / "tfbind8_alpha.yaml")
     assert tfbind.grid_size() == 18 and tfbind.method == "braid_bonus" and tfbind.settings.oracle_budget == 64
-    assert tfbind.search["finetune.alpha"] == {"grid": [1e-4, 1e-3, 1e-2]}  # YAML's 1.0e-4 read as a float
+    assert tfbind.search["finetune.alpha"] == {"grid": [1e-3, 1e-2, 1e-1]}  # YAML's 1.0e-3 read as a float
     assert Path(tfbind.base.run.dir).is_absolute()  # trials run in their own working directory
 
 
@@ -163,6 +163,52 @@ def test_selection_uses_the_mean_over_seeds_not_one_lucky_seed(tmp_path: Path) -
     png = score_map(drawn, search, {"finetune.alpha": 1.0, "finetune.strength": 1.1}, None, "t")
     assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
     assert score_map(trials, {"finetune.alpha": {"grid": [0.1, 1.0]}}, {"finetune.alpha": 1.0}, None, "t") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# One trial, in this process
+
+
+class ListReporter:
+    """A TrialReporter that keeps the reports and the last checkpoint's files."""
+
+    def __init__(self, files: dict[str, bytes] | None = None):
+        self.reports: list[dict] = []
+        self.files = files
+
+    def checkpoint_files(self) -> dict[str, bytes] | None:
+        return self.files
+
+    def report(self, metrics: dict, files: dict[str, bytes] | None = None) -> None:
+        self.reports.append(metrics)
+        self.files = files if files is not None else self.files
+
+
+def test_a_trial_queries_the_oracle_exactly_its_budget_and_never_twice(upstream: Path, monkeypatch) -> None:
+    from braid_ray.sweep import trial
+
+    queries: list[int] = []
+    load = trial.load_upstream
+
+    def counted(base):
+        data, oracle = load(base)
+        score = oracle.score
+        monkeypatch.setattr(oracle, "score", lambda codes: queries.append(len(codes)) or score(codes))
+        return data, oracle
+
+    monkeypatch.setattr(trial, "load_upstream", counted)
+    base = load_config(None, [f"run.dir={upstream}", *TINY])
+    cfg = trial_config(base.to_dict(), {"finetune.alpha": 0.01, "run.seed": 3})
+    reporter = ListReporter()
+    final = trial.run_trial(cfg, base, 12, reporter)
+    assert queries == [12] and final["oracle_queries"] == 12 and np.isfinite(final["oracle_score"])
+    assert [r["step"] for r in reporter.reports] == [1, 2, 3, 4] and reporter.reports[-1] == final
+    assert all(r["oracle_queries"] == 0 and np.isnan(r["oracle_score"]) for r in reporter.reports[:-1])
+    assert {"trainable.safetensors", "trainer_state.pt", "final.json"} <= set(reporter.files)
+
+    # Resumed after it finished: the same result, no training, no oracle query.
+    again = ListReporter(reporter.files)
+    assert trial.run_trial(cfg, base, 12, again) == final and again.reports == [final] and queries == [12]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ RemoteFinetune = Callable[[Config, FinetuneJob], tuple[dict, list[dict]]]
 
 
 class TrialReporter(Protocol):
-    """Where a trial sends its metrics and checkpoints (Ray Tune in a sweep; a list in a test)."""
+    """Where a trial sends its metrics and checkpoints (Ray Tune, in a sweep)."""
 
     def checkpoint_files(self) -> dict[str, bytes] | None:
         """The files of the trial's last checkpoint, if it is being resumed."""

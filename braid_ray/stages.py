@@ -60,8 +60,10 @@ def data_stage(cfg: Config, run: RunDir) -> DataResult:
         if not path.is_file():
             raise FileNotFoundError(f"task {task.name}: table not found: {path}")
     params = _resolved_data(cfg, task)
+    # Inputs by file name and content, not path: under `ray job submit` the bundled tables live in the job's
+    # working_dir, whose path changes with every submission (a user table's path is in the task section).
     record = {"task": cfg.section("task")["task"], "data": params, "seed": cfg.run.seed,
-              "inputs": {str(p): file_sha256(p) for p in task.input_files()}}
+              "inputs": {p.name: file_sha256(p) for p in task.input_files()}}
     stage = run.stage("data")
     if stage.begin(record, cfg.run.overwrite):
         log.info("data: reusing %s/data (config and inputs unchanged)", run.uri)

@@ -6,7 +6,7 @@ every alpha and 640 designs are sampled and scored. Rows are appended to
 ``benchmarks/results/quality/<task>-seed<s>.jsonl`` as they finish, so an interrupted run resumes.
 Reference rows per seed: Offline (top), Pretrained, and Grad. (gradient ascent on r_hat).
 
-    .venv/bin/python benchmarks/quality.py run --task tfbind8 --seeds 0 1 2
+    .venv/bin/python benchmarks/quality.py run --task tfbind8 --seeds 0 1 2 [--set key=value ...]
     .venv/bin/python benchmarks/quality.py report          # tables + plots from every .jsonl present
 
 Selecting alpha, three ways, all reported: by the oracle (the best the grid can do; an upper bound), the
@@ -17,6 +17,7 @@ estimate of its samples, mean r_hat - g_hat, the quantity the method is conserva
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -103,7 +104,7 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
         for method in methods:
             if (LABELS[method], alpha) in done:
                 continue
-            c = load_config(PRESETS[task], [*[f"{k}={v}" for k, v in _flat(cfg.to_dict())], f"finetune.alpha={alpha}"])
+            c = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, alpha=alpha))
             t = time.perf_counter()
             tuner = build_finetuner(c, FinetuneJob(run.uri, method, d.length), seed=seed)
             history = tuner.train()
@@ -116,16 +117,6 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
                 "r_hat_samples": float(np.mean(r)), "conservative_samples": float(np.mean(r - g)),
                 "onehot_distance": float(np.mean(dist)), "steps": c.finetune.steps})
     log.info("%s seed %d: done in %.0f s", task, seed, time.perf_counter() - start)
-
-
-def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
-    out = []
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out += _flat(v, f"{prefix}{k}.")
-        elif v is not None:
-            out.append((f"{prefix}{k}", json.dumps(v) if isinstance(v, list) else v))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +206,7 @@ def main() -> None:
     r.add_argument("--alphas", type=float, nargs="*", default=[0.001, 0.01, 0.1, 1.0])
     r.add_argument("--methods", nargs="+", default=["strl", "braid_boot", "braid_bonus"])
     r.add_argument("--threads", type=int, default=1)
-    r.add_argument("overrides", nargs="*", help="config key=value overrides for every run")
+    r.add_argument("--set", nargs="*", default=[], dest="overrides", help="config key=value overrides for every run")
     sub.add_parser("report")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

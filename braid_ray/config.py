@@ -110,11 +110,11 @@ class FinetuneConfig:
     strength: float = 1.0  # k: penalty strength of lcb / bonus, in units of std(r_hat) over D_off
     k: int = 20  # differentiable (last) sampler steps
     randomize_k: bool = False  # draw K uniformly from 1..k per batch (AlignProp)
-    parameterization: Literal["residual", "shift", "full"] = "residual"  # mu_pre + sigma^2 c | mu_pre + sigma c | a copy
-    steps: int = 200  # optimizer steps
-    batch_size: int = 64  # samples per step per worker
+    parameterization: Literal["residual", "shift", "full"] = "shift"  # mu_pre + sigma^2 c | mu_pre + sigma c | a copy
+    steps: int = 100  # optimizer steps
+    batch_size: int = 32  # samples per optimizer step (global; split over Ray workers)
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # Adam learning rate (cosine decay)
+    lr: float = 2e-3  # Adam learning rate (cosine decay)
     clip: float = 1.0  # gradient-norm clipping (0 = off)
     temperature: float = 0.5  # softmax temperature of the relaxed one-hot the reward sees
     straight_through: bool = False  # hard one-hot forward, softmax gradient backward
@@ -179,6 +179,7 @@ class DeepSpeedConfig:
     overlap_comm: bool = False  # overlap gradient reduction with backward (GPUs)
     bucket_size: int = 50_000_000  # elements per reduce / all-gather bucket
     param_persistence_threshold: int = 100_000  # ZeRO-3: parameters with fewer elements stay whole on every rank
+    save_frozen: bool = False  # LoRA: also write the frozen UNet weights into checkpoints (GBs for SD; tests check them)
 
 
 @dataclass

@@ -52,8 +52,8 @@ def build_finetuner(cfg: Config, job: FinetuneJob, seed: int,
     def reward_fn(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reward(backbone.reward_input(x0))
 
-    return FineTuner(policy, reward_fn, alpha=ft.alpha, k=ft.k, batch_size=ft.batch_size, lr=ft.lr, steps=ft.steps,
-                     clip=ft.clip, grad_accum=ft.grad_accum, randomize_k=ft.randomize_k,
+    return FineTuner(policy, reward_fn, alpha=ft.alpha, k=ft.k, batch_size=_share(ft.batch_size), lr=ft.lr,
+                     steps=ft.steps, clip=ft.clip, grad_accum=ft.grad_accum, randomize_k=ft.randomize_k,
                      reward_scale=reward.stats.y_std, seed=seed, grad_sync=grad_sync,
                      monitor=oracle_monitor(cfg, job.run_dir) if ft.monitor_queries > 0 else None,
                      monitor_every=ft.monitor_every, monitor_queries=_share(ft.monitor_queries))
@@ -67,10 +67,10 @@ def oracle_monitor(cfg: Config, run_dir: str) -> Monitor:
     return oracle_stage(cfg, run, data_stage(cfg, run)).score
 
 
-def _share(queries: int) -> int:
-    """This worker's share of a query budget when data-parallel (the budget is global, like the batch)."""
+def _share(total: int) -> int:
+    """This worker's share of a global count (the batch, the oracle budget) when data-parallel."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return max(1, queries // world) if queries > 0 else 0
+    return max(1, total // world) if total > 0 else 0
 
 
 def trainer_state_files(tuner: FineTuner, history: list[dict]) -> dict[str, bytes]:

@@ -106,7 +106,7 @@ def test_checkpointed_steps_give_the_same_gradients_as_plain_steps() -> None:
 
 
 def test_in_process_fine_tuning_moves_only_the_lora_weights() -> None:
-    cfg = tiny_cfg("finetune.steps=2")
+    cfg = tiny_cfg("finetune.steps=2", "finetune.batch_size=2")
     policy = build_policy(cfg, torch.device("cpu"))
     reward = load_image_reward(cfg, tiny_reward_bytes(cfg), "braid_bonus", torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in policy.unet.named_parameters()}

@@ -18,6 +18,14 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # pass as weight_name= to
 _ADAPTER = re.compile(r"\.(lora_[AB])\.default\.")
 
 
+def unet_weights(state: dict[str, torch.Tensor], prefix: str = "unet.") -> dict[str, torch.Tensor]:
+    """The UNet's entries of a state dict of the policy (the module DeepSpeed wraps), without the prefix."""
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(f"no UNet weights (keys starting with {prefix!r}) in the state dict")
+    return out
+
+
 def lora_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LoRA entries of a peft-wrapped UNet's state dict, named as ``peft.get_peft_model_state_dict`` names
     them (adapter name ``default`` dropped)."""

@@ -21,6 +21,7 @@ from braid_ray.images.aesthetic import ClipEmbedder, ImageReward, laion_head, lo
 from braid_ray.images.components import DTYPES, load_components
 from braid_ray.images.prompts import sample_prompts
 from braid_ray.images.sampler import DDIMSchedule, ImagePolicy, ImageRollout, SDBackbone, image_rollout
+from braid_ray.images.zero import micro_batch
 from braid_ray.reward.conservative import ConservativeReward
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,19 @@ class ImageFineTuner(FineTuner):
     """FineTuner over images: x0 are SD latents, decoded by the VAE, embedded by CLIP, scored by the heads.
 
     Without an engine it trains with the FineTuner's own torch step (one process); ``attach(engine)`` hands
-    backward and the update to a DeepSpeed engine built around the same UNet and Adam. ``last_oracle`` is the
+    backward and the update to a DeepSpeed engine built around the same policy (UNet) and Adam. ``last_oracle`` is the
     oracle's mean score of the last step's training images: logged for the r_hat-vs-oracle curves, never in
     the loss.
     """
 
     def __init__(self, policy: ImagePolicy, reward: ImageReward, cfg: Config, seed: int,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, world_size: int = 1):
         ft = cfg.finetune
         self.image_reward, self.prompt_set = reward, cfg.image.prompts
         self._oracle: list[torch.Tensor] = []
         self.last_oracle = math.nan
         self.engine = None
-        super().__init__(policy, self._reward, alpha=ft.alpha, k=ft.k, batch_size=ft.batch_size, lr=ft.lr,
+        super().__init__(policy, self._reward, alpha=ft.alpha, k=ft.k, batch_size=micro_batch(cfg, world_size), lr=ft.lr,
                          steps=ft.steps, clip=ft.clip, grad_accum=ft.grad_accum, randomize_k=ft.randomize_k,
                          reward_scale=reward.reward.stats.y_std, seed=seed, device=device)
 
@@ -85,7 +86,7 @@ class ImageFineTuner(FineTuner):
         return image_rollout(self.policy, prompts, k, self.generator, self.use_checkpoint)
 
     def attach(self, engine) -> None:
-        """Train through a DeepSpeed engine whose module is ``policy.unet`` (and whose optimizer wraps ours)."""
+        """Train through a DeepSpeed engine whose module is ``policy`` (and whose optimizer wraps ours)."""
         self.engine = engine
 
     def train_step(self) -> StepMetrics:

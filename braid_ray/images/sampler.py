@@ -15,6 +15,11 @@ Steps 1..T-K run without a graph; each of the last K runs under activation check
 step (both UNet passes), so memory grows with K, not T. The step is the unit of checkpointing, not
 diffusers' per-block ``enable_gradient_checkpointing``: with LoRA the reference pass runs with the adapters
 disabled, and a per-block recomputation during backward would run with them enabled again.
+
+A step is the policy module's ``forward``, and the policy is the module DeepSpeed wraps: under ZeRO-3 the
+recomputation of a step then runs inside that module's backward, where DeepSpeed keeps the frozen weights
+gathered until the step's backward is done. A checkpoint around UNet calls made outside any ZeRO module
+would recompute with the frozen weights already re-partitioned (empty) and fail torch's metadata check.
 """
 
 from __future__ import annotations
@@ -109,10 +114,12 @@ class ImagePolicy(nn.Module):
         super().__init__()
         if reference is None and not has_adapters(unet):
             raise ValueError("ImagePolicy: a UNet without LoRA adapters needs a frozen reference copy")
-        self.backbone, self.unet, self.guidance_scale, self.reference = backbone, unet, guidance_scale, reference
+        self.backbone, self.unet, self.guidance_scale = backbone, unet, guidance_scale
         self.components, self.schedule = backbone.components, backbone.schedule
         if reference is not None:
             reference.requires_grad_(False).eval()
+        # Outside the module tree: a frozen plain module, never sharded by ZeRO or saved with the trainable one.
+        object.__setattr__(self, "reference", reference)
         side = backbone.resolution // self.components.vae_factor
         self.latent_shape = (unet.config.in_channels, side, side)
         self._uncond: torch.Tensor | None = None
@@ -162,6 +169,16 @@ class ImagePolicy(nn.Module):
             mean_pre = self.schedule.mean(i, x_t, eps_pre)
         return mean, mean_pre, self.schedule.sigma[i]
 
+    def forward(self, x_t: torch.Tensor, noise: torch.Tensor, i: int, text: torch.Tensor, with_kl: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: x_{t'} = mu_theta + sigma_t z, and KL_t = ||mu_theta - mu_pre||^2 / (2 sigma_t^2) per sample."""
+        mean, mean_pre, sigma = self.means(x_t, i, text, reference=with_kl)
+        if mean_pre is None:
+            kl = torch.zeros(x_t.shape[0], device=x_t.device)
+        else:
+            kl = ((mean - mean_pre) ** 2).sum(dim=(1, 2, 3)) / (2 * sigma**2)  # KL_t, equal-variance Gaussians
+        return mean + sigma * noise, kl
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents x_0 -> images (B, 3, H, W) in [-1, 1] through the frozen VAE, differentiable in the latents
         (checkpointed when a graph is being built, so the decoder's activations are not kept)."""
@@ -200,19 +217,10 @@ def image_rollout(policy: ImagePolicy, prompts: list[str], k: int, generator: to
     per_step = []
     for i in range(steps - k, steps):
         noise = torch.randn(x.shape, generator=generator, device=generator.device).to(device)  # outside: exact recompute
-
-        def step(x_t: torch.Tensor, noise: torch.Tensor = noise, i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
-            mean, mean_pre, sigma = policy.means(x_t, i, text, reference=with_kl)
-            if mean_pre is None:
-                kl = torch.zeros(x_t.shape[0], device=x_t.device)
-            else:
-                kl = ((mean - mean_pre) ** 2).sum(dim=(1, 2, 3)) / (2 * sigma**2)  # KL_t, equal-variance Gaussians
-            return mean + sigma * noise, kl
-
         if use_checkpoint and torch.is_grad_enabled():
-            x, kl = checkpoint(step, x, use_reentrant=False)
+            x, kl = checkpoint(policy, x, noise, i, text, with_kl, use_reentrant=False)
         else:
-            x, kl = step(x)
+            x, kl = policy(x, noise, i, text, with_kl)
         kl_total = kl_total + kl
         per_step.append(kl.detach().mean())
     return ImageRollout(x, kl_total, torch.stack(per_step), prompts=list(prompts))

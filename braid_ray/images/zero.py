@@ -1,8 +1,8 @@
 """The DeepSpeed config, derived from the one config and the Ray world size (no DeepSpeed import here).
 
 DeepSpeed checks train_batch_size == micro_batch_per_gpu * gradient_accumulation_steps * world_size; deriving
-all three from ``finetune.batch_size`` (per worker), ``finetune.grad_accum`` and the world size makes the
-identity hold by construction for any number of workers.
+all three from ``finetune.batch_size`` (global images per micro-batch, split over the workers as on the
+sequence path), ``finetune.grad_accum`` and the world size makes the identity hold by construction.
 """
 
 from __future__ import annotations
@@ -12,10 +12,19 @@ from typing import Any
 from braid_ray.config import Config
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def micro_batch(cfg: Config, world_size: int) -> int:
+    """Images per worker per micro-batch: the global ``finetune.batch_size`` split evenly over the workers."""
     if world_size < 1:
         raise ValueError(f"world_size: got {world_size}, expected >= 1")
+    if cfg.finetune.batch_size % world_size:
+        raise ValueError(f"finetune.batch_size: got {cfg.finetune.batch_size}, expected a multiple of the "
+                         f"{world_size} workers (DeepSpeed needs the same micro-batch on every worker)")
+    return cfg.finetune.batch_size // world_size
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     ft, ds = cfg.finetune, cfg.deepspeed
+    micro = micro_batch(cfg, world_size)
     zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm, "contiguous_gradients": True,
                             "reduce_bucket_size": ds.bucket_size}
     if ds.zero_stage == 2:
@@ -26,9 +35,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": ft.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": ft.grad_accum,
-        "train_batch_size": ft.batch_size * ft.grad_accum * world_size,
+        "train_batch_size": micro * ft.grad_accum * world_size,
         "gradient_clipping": ft.clip,  # 0 = off, as finetune.clip
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},

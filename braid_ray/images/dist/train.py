@@ -56,14 +56,18 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
 
 
 def build_engine(deepspeed, tuner, cfg: Config, world_size: int):
-    """A ZeRO engine around the tuner's UNet; with ``deepspeed.optimizer=torch`` it wraps the tuner's Adam."""
+    """A ZeRO engine around the tuner's policy (the UNet and, with LoRA, its adapters; the frozen reference copy
+    of full fine-tuning is kept outside); with ``deepspeed.optimizer=torch`` it wraps the tuner's Adam.
+
+    The policy, not the bare UNet, is the engine's module so that ZeRO-3 treats a whole sampler step as one
+    module call (see braid_ray.images.sampler)."""
     from braid_ray.images.zero import deepspeed_config
 
     conf = deepspeed_config(cfg, world_size)
     client_optimizer = None if cfg.deepspeed.optimizer == "deepspeed" else tuner.optimizer
     steps = cfg.finetune.steps
     engine, _, _, _ = deepspeed.initialize(
-        model=tuner.policy.unet, optimizer=client_optimizer, config=conf,
+        model=tuner.policy, optimizer=client_optimizer, config=conf,
         model_parameters=None if client_optimizer is not None else tuner.params,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1)))
     return engine
@@ -83,7 +87,7 @@ def _worker(config: dict) -> None:
     method = config["method"]
     policy = build_policy(cfg, device)
     reward = load_image_reward(cfg, config["reward_bytes"], method, device)
-    tuner = ImageFineTuner(policy, reward, cfg, seed=cfg.run.seed + 7919 * rank, device=device)
+    tuner = ImageFineTuner(policy, reward, cfg, seed=cfg.run.seed + 7919 * rank, device=device, world_size=world)
     engine = build_engine(deepspeed, tuner, cfg, world)
     tuner.attach(engine)
     if rank == 0:
@@ -101,7 +105,8 @@ def _worker(config: dict) -> None:
             history = json.loads((Path(d) / HISTORY).read_text())
         log.info("fine-tune %s rank %d: resumed at step %d", method, rank, tuner.step)
 
-    ft, lora = cfg.finetune, cfg.image.lora_rank > 0
+    ft = cfg.finetune
+    exclude_frozen = cfg.image.lora_rank > 0 and not cfg.deepspeed.save_frozen
     fail_at = config.get("fail_at_step")
     while tuner.step < ft.steps:
         m = tuner.train_step()
@@ -121,7 +126,7 @@ def _worker(config: dict) -> None:
         if tuner.step % ft.checkpoint_every == 0 or tuner.step == ft.steps:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(tmp, tag=f"step{tuner.step}", client_state={"step": tuner.step},
-                                       exclude_frozen_parameters=lora)
+                                       exclude_frozen_parameters=exclude_frozen)
                 torch.save(tuner.generator.get_state(), Path(tmp) / _rng_file(rank))
                 if rank == 0:
                     Path(tmp, HISTORY).write_text(json.dumps(history))

@@ -12,10 +12,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 import ray.cloudpickle
 import torch
-from ray.train import WorkerGroupError
+from ray.train import Checkpoint, WorkerGroupError
 from safetensors.torch import load_file
 
 from braid_ray import cli, pipeline
@@ -116,6 +117,17 @@ def test_a_failed_run_is_one_message_naming_the_run_and_the_cause(tmp_path: Path
                               "rank 0: ValueError: reward.safetensors: no member 3.")
     assert f"resumes from the last checkpoint of {tmp_path}/strl-seed0" in message and "\n" not in message
     assert isinstance(error.value.__cause__, WorkerGroupError)  # the full story stays one `raise from` away
+
+
+def test_a_checkpoint_on_remote_storage_is_read_from_a_local_copy(tmp_path: Path) -> None:
+    """s3:// and gs:// checkpoints are downloaded before read_checkpoint opens them as files."""
+    stored = tmp_path / "bucket" / "checkpoint_000001"
+    stored.mkdir(parents=True)
+    (stored / "history.json").write_text('[{"step": 1}]')
+    remote = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())  # not a local filesystem
+    local = train.local_dir(Checkpoint("checkpoint_000001", filesystem=remote))
+    assert local != stored and (local / "history.json").read_text() == '[{"step": 1}]'
+    assert train.local_dir(Checkpoint(str(stored))) == stored  # local storage: read in place
 
 
 def test_launch_scripts_print_one_line_for_a_nonfinite_loss(caplog) -> None:

@@ -56,6 +56,10 @@ def finetune_runner(cfg: Config, run_dir: RunDir) -> FinetuneRunner:
 
 def run(cfg: Config, stages: tuple[str, ...] = ALL_STAGES) -> dict:
     """Run ``stages`` for ``cfg`` (earlier ones reused when unchanged); returns what the launch script prints."""
+    if cfg.domain == "image":  # Stable Diffusion: its own stages (braid_ray/images/stages.py)
+        from braid_ray.images.stages import STAGES, run_images
+
+        return run_images(cfg, tuple(s for s in stages if s in STAGES))
     run_dir = RunDir(cfg.run.dir)
     run_dir.stage("").write_yaml("config.yaml", cfg.to_dict())
     data = data_stage(cfg, run_dir)
@@ -91,6 +95,10 @@ def _oracle_quality(o: dict) -> str:
 
 
 def format_summary(summary: dict) -> str:
+    if summary.get("domain") == "image":
+        from braid_ray.images.stages import format_summary as format_image_summary
+
+        return format_image_summary(summary)
     d = summary["data"]
     rows = d["rows"]
     lines = [

@@ -115,6 +115,19 @@ def test_command_line_overrides_reach_the_settings_and_the_base_config(tmp_path:
         load_sweep(path, ["sweep.asha.enabled=true", "sweep.asha.grace_period=4", "finetune.steps=3"])
 
 
+def test_a_changed_sweep_file_does_not_resume_the_old_sweep(tmp_path: Path) -> None:
+    from braid_ray.sweep.tune import check_record, sweep_uri
+
+    path = write_sweep(tmp_path / "s.yaml", tmp_path / "run", {"finetune.alpha": {"grid": [0.1, 1.0]}},
+                       {"name": "r", "storage": str(tmp_path / "out")})
+    sweep = load_sweep(path)
+    uri = sweep_uri(sweep)
+    check_record(sweep, uri)  # the first start records the sweep
+    check_record(load_sweep(path, ["sweep.max_concurrent_trials=1"]), uri)  # resources may change on resume
+    with pytest.raises(ConfigError, match=r"started with a different sweep file \(base.finetune.steps: 4 -> 5\)"):
+        check_record(load_sweep(path, ["finetune.steps=5"]), uri)
+
+
 def test_asha_stops_on_the_conservative_objective_never_on_the_oracle(tmp_path: Path) -> None:
     from braid_ray.sweep.tune import search_parts
 

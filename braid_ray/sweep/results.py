@@ -145,10 +145,9 @@ def score_map(trials: pd.DataFrame, search: dict[str, dict[str, list]], best: di
     ax.set_ylabel("penalty strength (finetune.strength)")
     bar = fig.colorbar(image, ax=ax)
     bar.set_label("mean oracle score on the budget")
-    lines = [title]
+    lines = [title, "cells: mean ± std over seeds; red: selected"]
     if reference is not None:
-        lines.append(f"pretrained {reference[METRIC]:.3f}, best offline y {reference['best_offline_y']:.3f}; "
-                     "red: selected")
+        lines[-1] += f"; pretrained {reference[METRIC]:.3f}, best offline y {reference['best_offline_y']:.3f}"
     ax.set_title("\n".join(lines), fontsize=9)
     buf = io.BytesIO()
     try:

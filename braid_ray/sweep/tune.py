@@ -201,7 +201,7 @@ def _tuner(sweep: Sweep, uri: str, max_concurrent: int) -> Any:
                                   failure_config=tune.FailureConfig(max_failures=1)))
 
 
-def _check_record(sweep: Sweep, uri: str) -> None:
+def check_record(sweep: Sweep, uri: str) -> None:
     """A resumed sweep must be the same sweep: a changed base config or search space stops with the keys."""
     results = RunDir(uri).stage("results")
     record = sweep.record()
@@ -234,7 +234,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
 
     start = time.perf_counter()
     uri = sweep_uri(sweep)
-    _check_record(sweep, uri)
+    check_record(sweep, uri)
     cluster.init(sweep.base.ray)
     max_concurrent = concurrency(sweep, ray.cluster_resources())
     size = sweep.grid_size()

@@ -119,3 +119,17 @@ def test_in_process_fine_tuning_moves_only_the_lora_weights() -> None:
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("lora" in n for n in changed)
     assert any("lora_B" in n for n in changed)
+
+
+def test_full_fine_tuning_trains_the_unet_against_a_frozen_copy() -> None:
+    cfg = tiny_cfg("image.lora_rank=0", "finetune.steps=1", "finetune.batch_size=2", "diffusion.steps=3")
+    policy = build_policy(cfg, torch.device("cpu"))
+    assert policy.reference is not None and policy.reference is not policy.unet
+    assert "reference" not in dict(policy.named_children())  # kept out of the module ZeRO would wrap
+    frozen = {n: p.detach().clone() for n, p in policy.reference.named_parameters()}
+    before = {n: p.detach().clone() for n, p in policy.unet.named_parameters()}
+    reward = load_image_reward(cfg, tiny_reward_bytes(cfg), "strl", torch.device("cpu"))
+    history = ImageFineTuner(policy, reward, cfg, seed=0).train()
+    assert history[0]["kl"] == 0.0 and np.isfinite(history[0]["objective"])  # the copy starts identical
+    assert any(not torch.equal(before[n], p) for n, p in policy.unet.named_parameters())
+    assert all(torch.equal(frozen[n], p) and not p.requires_grad for n, p in policy.reference.named_parameters())

@@ -1,10 +1,18 @@
 """Images: BRAID for Stable Diffusion with a conservative aesthetic reward (issue 6).
 
-Core modules (no Ray, no DeepSpeed): ``components`` (SD from a hub id / local path, or tiny from configs),
-``prompts`` (named prompt sets), ``sampler`` (grad-enabled DDIM with CFG, truncated backprop and the
-per-step KL), ``aesthetic`` (CLIP embedding, LAION heads, the conservative reward on embeddings),
-``zero`` (the DeepSpeed config from the one config and the world size), ``export`` (LoRA weights for
-stock diffusers), ``finetune`` (the fine-tuner on top of the sequence path's loop), ``stages`` (offline
-data, reward, fine-tuning and evaluation stages) and ``evaluate`` (grids, score distributions, curves).
-``images.dist`` holds the Ray / DeepSpeed adapters, like ``braid_ray.dist`` for sequences.
+Core modules (no Ray, no DeepSpeed):
+  components  SD components from a hub id / local folder, or tiny from configs; a stock diffusers pipeline
+  prompts     named prompt sets
+  sampler     grad-enabled DDIM with CFG, truncated backprop and the per-step KL; LoRA-disabled reference
+  aesthetic   CLIP image embedding, the bundled LAION heads (oracle), the image reward module
+  heads       the sequence path's conservative reward with MLP members, fitted on (embedding, score) rows
+  finetune    the sequence path's FineTuner with the image rollout and reward (and a DeepSpeed engine step)
+  zero        the DeepSpeed config derived from the one config and the world size
+  export      consolidated fp32 weights and LoRA weights for stock diffusers
+  offline     offline images: sampling and CLIP embedding as batch callables
+  evaluate    sample grids, score tables, r_hat-vs-oracle curves
+  stages      the image pipeline: offline data, reward heads, fine-tuning, evaluation
+  settings    validation of the image: and deepspeed: config sections
+``images.dist`` holds the Ray / DeepSpeed adapters (ZeRO training on Ray Train, ZeRO consolidation, Ray Data
+batch inference), like ``braid_ray.dist`` for sequences.
 """

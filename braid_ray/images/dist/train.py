@@ -92,8 +92,8 @@ def _worker(config: dict) -> None:
     tuner.attach(engine)
     if rank == 0:
         log.info("fine-tune %s: ZeRO-%d, %d workers x micro-batch %d x grad_accum %d = %d images per step",
-                 method, cfg.deepspeed.zero_stage, world, cfg.finetune.batch_size, cfg.finetune.grad_accum,
-                 engine.train_batch_size())
+                 method, cfg.deepspeed.zero_stage, world, engine.train_micro_batch_size_per_gpu(),
+                 engine.gradient_accumulation_steps(), engine.train_batch_size())
 
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()

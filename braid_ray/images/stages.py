@@ -39,6 +39,8 @@ from braid_ray.rundir import RunDir, file_sha256, fingerprint
 log = logging.getLogger(__name__)
 
 STAGES = ("data", "reward", "finetune", "eval")
+# image keys a fine-tuning run does not read (their effect on D reaches it through the reward's fingerprint)
+EVAL_ONLY = ("grid_images", "embed_batch_size", "embed_actors")
 
 
 def _local_or_uri(run: RunDir, stage: str, name: str) -> str:
@@ -54,7 +56,7 @@ def offline_stage(cfg: Config, run: RunDir) -> tuple[pd.DataFrame, dict, str]:
     im = cfg.image
     q = cfg.data.quantile if cfg.data.quantile is not None else DEFAULT_QUANTILE
     keys = ("model", "revision", "clip_model", "oracle", "resolution", "prompts", "guidance_scale", "offline_images",
-            "offline_table", "image_column", "score_column", "label_noise")
+            "offline_table", "image_column", "score_column", "label_noise", "embed_batch_size")  # a batch shares a generator
     record = {"image": {k: getattr(im, k) for k in keys}, "diffusion": {"steps": cfg.diffusion.steps,
               "eta": cfg.diffusion.eta}, "quantile": q, "seed": cfg.run.seed,
               "inputs": {Path(im.offline_table).name: file_sha256(im.offline_table)} if im.offline_table else {}}
@@ -166,8 +168,9 @@ def trainable_weights(policy_state: dict[str, torch.Tensor], lora: bool) -> dict
 def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, str]) -> pd.DataFrame:
     """Fine-tune with ``method``'s conservative reward; export fp32 weights (and LoRA weights for diffusers)."""
     ft = {k: v for k, v in cfg.section("finetune")["finetune"].items() if k not in ("methods", "log_every")}
+    image = {k: v for k, v in cfg.section("image")["image"].items() if k not in EVAL_ONLY}
     record = {"finetune": ft, "method": method, "diffusion": cfg.section("diffusion")["diffusion"],
-              "image": cfg.section("image")["image"], "deepspeed": cfg.section("deepspeed")["deepspeed"],
+              "image": image, "deepspeed": cfg.section("deepspeed")["deepspeed"],
               "workers": cfg.ray.num_workers, "upstream": upstream, "seed": cfg.run.seed}
     stage = run.stage(f"finetune/{method}")
     if stage.begin(record, cfg.run.overwrite):

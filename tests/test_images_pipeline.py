@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from braid_ray import pipeline
@@ -55,3 +56,38 @@ def test_ray_data_actor_pool_embeds_like_the_in_process_path(tmp_path: Path, ray
     np.testing.assert_allclose(np.stack(out["embedding"]), ref["embedding"], atol=1e-6)
     np.testing.assert_allclose(out["oracle"].to_numpy(), ref["oracle"], atol=1e-6)
     torch.testing.assert_close(torch.from_numpy(np.stack(out["embedding"])).norm(dim=-1), torch.ones(8))
+
+
+def test_components_load_with_from_pretrained_from_a_local_folder(tmp_path: Path) -> None:
+    """The hub code path (from_pretrained on a diffusers-layout folder), offline: the tiny model saved and reloaded."""
+    from braid_ray.images.aesthetic import load_image_encoder
+    from braid_ray.images.components import load_components, stock_pipeline
+
+    tiny = load_components("tiny")
+    stock_pipeline(tiny).save_pretrained(tmp_path / "sd")
+    load_image_encoder("tiny").save_pretrained(tmp_path / "clip")
+    loaded = load_components(str(tmp_path / "sd"))
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(tiny, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert loaded.tokenizer("a red bird").input_ids == tiny.tokenizer("a red bird").input_ids
+    assert loaded.scheduler.config.set_alpha_to_one is False and loaded.scheduler.config.steps_offset == 1
+    clip = load_image_encoder(str(tmp_path / "clip"))
+    assert not any(p.requires_grad for p in clip.parameters()) and clip.config.projection_dim == 768
+
+
+def test_user_table_of_images_and_scores_becomes_d(tmp_path: Path) -> None:
+    from braid_ray.images.stages import offline_stage
+    from braid_ray.rundir import RunDir
+
+    pixels = np.random.default_rng(1).integers(0, 256, (12, 20, 20, 3), dtype=np.uint8)  # resized to 16 px
+    table = pd.DataFrame({"png": [encode_png(p) for p in pixels], "rating": np.linspace(1.0, 7.0, 12)})
+    table.to_parquet(tmp_path / "rated.parquet")
+    cfg = tiny_cfg(f"run.dir={tmp_path / 'run'}", "ray.num_workers=0", f"image.offline_table={tmp_path / 'rated.parquet'}",
+                   "image.image_column=png", "image.score_column=rating", "image.embed_batch_size=5")
+    frame, summary, _ = offline_stage(cfg, RunDir(cfg.run.dir))
+    assert frame["y"].tolist() == table["rating"].tolist() and summary["rows"] == {"D": 12, "D_off": 6}
+    assert np.stack(frame["embedding"]).shape == (12, 768) and np.isfinite(frame["oracle"]).all()
+    bad = tiny_cfg(f"run.dir={tmp_path / 'bad'}", "ray.num_workers=0", f"image.offline_table={tmp_path / 'rated.parquet'}")
+    with pytest.raises(ValueError, match="no column 'image'"):
+        offline_stage(bad, RunDir(bad.run.dir))

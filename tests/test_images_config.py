@@ -15,7 +15,7 @@ def test_deepspeed_batch_arithmetic_holds_for_any_world_size(world: int, stage: 
     cfg = load_config(ROOT / "configs" / "sd15_aesthetic_braid.yaml", [f"deepspeed.zero_stage={stage}"])
     ds = deepspeed_config(cfg, world)
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
-    assert ds["train_batch_size"] == cfg.finetune.batch_size * cfg.finetune.grad_accum  # the global batch is the config's
+    assert ds["train_batch_size"] == cfg.finetune.batch_size * cfg.finetune.grad_accum  # the config's global batch
     assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] and "optimizer" not in ds
     assert ds["gradient_clipping"] == cfg.finetune.clip and ds["zero_allow_untested_optimizer"]
 

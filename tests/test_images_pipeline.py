@@ -50,7 +50,8 @@ def test_ray_data_actor_pool_embeds_like_the_in_process_path(tmp_path: Path, ray
     pixels = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     table = pd.DataFrame({"id": np.arange(8), "image": [encode_png(p) for p in pixels], "score": np.arange(8.0)})
     out = embed_table(cfg, table, str(tmp_path / "emb"))
-    assert sorted(p.suffix for p in (tmp_path / "emb").iterdir()) == [".parquet"] * len(list((tmp_path / "emb").iterdir()))
+    written = list((tmp_path / "emb").iterdir())
+    assert written and all(p.suffix == ".parquet" for p in written)
     assert out["id"].tolist() == list(range(8)) and out["score"].tolist() == list(np.arange(8.0))
     ref = EmbedBatch(cfg.to_dict())({"image": table["image"].to_numpy()})
     np.testing.assert_allclose(np.stack(out["embedding"]), ref["embedding"], atol=1e-6)
@@ -83,11 +84,12 @@ def test_user_table_of_images_and_scores_becomes_d(tmp_path: Path) -> None:
     pixels = np.random.default_rng(1).integers(0, 256, (12, 20, 20, 3), dtype=np.uint8)  # resized to 16 px
     table = pd.DataFrame({"png": [encode_png(p) for p in pixels], "rating": np.linspace(1.0, 7.0, 12)})
     table.to_parquet(tmp_path / "rated.parquet")
-    cfg = tiny_cfg(f"run.dir={tmp_path / 'run'}", "ray.num_workers=0", f"image.offline_table={tmp_path / 'rated.parquet'}",
-                   "image.image_column=png", "image.score_column=rating", "image.embed_batch_size=5")
+    table_key = f"image.offline_table={tmp_path / 'rated.parquet'}"
+    cfg = tiny_cfg(f"run.dir={tmp_path / 'run'}", "ray.num_workers=0", table_key, "image.image_column=png",
+                   "image.score_column=rating", "image.embed_batch_size=5")
     frame, summary, _ = offline_stage(cfg, RunDir(cfg.run.dir))
     assert frame["y"].tolist() == table["rating"].tolist() and summary["rows"] == {"D": 12, "D_off": 6}
     assert np.stack(frame["embedding"]).shape == (12, 768) and np.isfinite(frame["oracle"]).all()
-    bad = tiny_cfg(f"run.dir={tmp_path / 'bad'}", "ray.num_workers=0", f"image.offline_table={tmp_path / 'rated.parquet'}")
+    bad = tiny_cfg(f"run.dir={tmp_path / 'bad'}", "ray.num_workers=0", table_key)
     with pytest.raises(ValueError, match="no column 'image'"):
         offline_stage(bad, RunDir(bad.run.dir))

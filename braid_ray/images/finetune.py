@@ -71,7 +71,8 @@ class ImageFineTuner(FineTuner):
         self._oracle: list[torch.Tensor] = []
         self.last_oracle = math.nan
         self.engine = None
-        super().__init__(policy, self._reward, alpha=ft.alpha, k=ft.k, batch_size=micro_batch(cfg, world_size), lr=ft.lr,
+        super().__init__(policy, self._reward, alpha=ft.alpha, k=ft.k, batch_size=micro_batch(cfg, world_size),
+                         lr=ft.lr,
                          steps=ft.steps, clip=ft.clip, grad_accum=ft.grad_accum, randomize_k=ft.randomize_k,
                          reward_scale=reward.reward.stats.y_std, seed=seed, device=device)
 

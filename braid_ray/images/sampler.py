@@ -51,7 +51,8 @@ class DDIMSchedule:
         final = float(scheduler.final_alpha_cumprod)
         self.alpha = [float(a[t]) for t in self.timesteps]  # alpha_bar_t
         self.alpha_prev = [float(a[t - ratio]) if t - ratio >= 0 else final for t in self.timesteps]  # alpha_bar_t'
-        self.sigma = [eta * math.sqrt((1 - ap) / (1 - at) * (1 - at / ap)) for at, ap in zip(self.alpha, self.alpha_prev)]
+        self.sigma = [eta * math.sqrt((1 - ap) / (1 - at) * (1 - at / ap))
+                      for at, ap in zip(self.alpha, self.alpha_prev)]
         self.eta = eta
 
     def __len__(self) -> int:
@@ -216,7 +217,8 @@ def image_rollout(policy: ImagePolicy, prompts: list[str], k: int, generator: to
     kl_total = torch.zeros(n, device=device)
     per_step = []
     for i in range(steps - k, steps):
-        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(device)  # outside: exact recompute
+        # drawn outside the checkpointed step, so that its recomputation is exact
+        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(device)
         if use_checkpoint and torch.is_grad_enabled():
             x, kl = checkpoint(policy, x, noise, i, text, with_kl, use_reentrant=False)
         else:

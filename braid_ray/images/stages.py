@@ -56,7 +56,8 @@ def offline_stage(cfg: Config, run: RunDir) -> tuple[pd.DataFrame, dict, str]:
     im = cfg.image
     q = cfg.data.quantile if cfg.data.quantile is not None else DEFAULT_QUANTILE
     keys = ("model", "revision", "clip_model", "oracle", "resolution", "prompts", "guidance_scale", "offline_images",
-            "offline_table", "image_column", "score_column", "label_noise", "embed_batch_size")  # a batch shares a generator
+            "offline_table", "image_column", "score_column", "label_noise",
+            "embed_batch_size")  # a sampling batch shares one generator
     record = {"image": {k: getattr(im, k) for k in keys}, "diffusion": {"steps": cfg.diffusion.steps,
               "eta": cfg.diffusion.eta}, "quantile": q, "seed": cfg.run.seed,
               "inputs": {Path(im.offline_table).name: file_sha256(im.offline_table)} if im.offline_table else {}}
@@ -200,7 +201,8 @@ def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, st
     if lora:
         with tempfile.TemporaryDirectory() as tmp:
             save_lora_for_diffusers(unet_weights(state), tmp)
-            run.stage(f"finetune/{method}/lora").write_bytes(LORA_WEIGHT_NAME, (Path(tmp) / LORA_WEIGHT_NAME).read_bytes())
+            blob = (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
+            run.stage(f"finetune/{method}/lora").write_bytes(LORA_WEIGHT_NAME, blob)
     stage.write_parquet("history.parquet", history)
     stage.write_json("summary.json", {"method": method, "seconds": time.perf_counter() - start,
                                       "final": history.iloc[-1].to_dict() if len(history) else {}})
@@ -249,7 +251,7 @@ def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str,
         files = [ev.sample_grid(p, s, ev.LABELS[m], Path(tmp) / f"grid_{m}.png") for m, (p, s) in grids.items()]
         by_method = {ev.LABELS[m]: s["oracle"].to_numpy() for m, s in samples.groupby("method", sort=False)}
         files.append(score_distributions(by_method, summary["best_offline_oracle"], Path(tmp) / "scores.png",
-                                         f"oracle ({cfg.image.oracle}) scores of {cfg.eval.n_samples} images per method",
+                                         f"oracle ({cfg.image.oracle}) scores, {cfg.eval.n_samples} images per method",
                                          ylabel="aesthetic score"))
         if histories:
             files.append(ev.reward_vs_oracle(histories, Path(tmp) / "reward_vs_oracle.png"))
@@ -264,7 +266,8 @@ def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str,
 def report_markdown(cfg: Config, summary: dict, table: pd.DataFrame) -> str:
     lines = [f"# Images: {cfg.image.model} with the {cfg.image.oracle} oracle", "",
              f"D: {summary['rows']['D']} images ({summary['source']}); D_off: {summary['rows']['D_off']} below the "
-             f"{summary['quantile']:.2f} quantile of y; best offline oracle score {summary['best_offline_oracle']:.4f}.",
+             f"{summary['quantile']:.2f} quantile of y; best offline oracle score "
+             f"{summary['best_offline_oracle']:.4f}.",
              "", table_markdown(table), "",
              "Figures: `grid_<method>.png` (samples with their oracle scores), `scores.png` (oracle scores per "
              "method), `reward_vs_oracle.png` (r_hat and the oracle over fine-tuning)."]

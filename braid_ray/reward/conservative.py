@@ -59,8 +59,8 @@ class ConservativeReward(nn.Module):
     CLIP image embeddings) for MLP members.
     """
 
-    def __init__(self, net: StackedNet | StackedMLP, stats: RewardStats, whiten_mean: torch.Tensor, whiten: torch.Tensor,
-                 chol: torch.Tensor, penalty: str = "min", strength: float = 1.0):
+    def __init__(self, net: StackedNet | StackedMLP, stats: RewardStats, whiten_mean: torch.Tensor,
+                 whiten: torch.Tensor, chol: torch.Tensor, penalty: str = "min", strength: float = 1.0):
         super().__init__()
         if penalty not in PENALTIES:
             raise ValueError(f"unknown penalty {penalty!r}; valid: {list(PENALTIES)}")

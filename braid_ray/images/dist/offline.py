@@ -24,7 +24,8 @@ def _pool(cfg: Config) -> dict:
 
 def sample_and_embed(cfg: Config, parquet_dir: str) -> pd.DataFrame:
     """Sample ``image.offline_images`` images from the pretrained model, embed them, write them as Parquet
-    files under ``parquet_dir`` (local path or URI) and return the table (id, prompt, seed, image, embedding, oracle)."""
+    files under ``parquet_dir`` (local path or URI) and return the table (id, prompt, seed, image, embedding,
+    oracle)."""
     cluster.init(cfg.ray)
     rows = offline_requests(cfg)
     ds = ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(len(rows["id"]))])

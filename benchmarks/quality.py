@@ -57,6 +57,11 @@ def _done(path: Path) -> set[tuple]:
     return {(r["method"], r["alpha"]) for r in map(json.loads, path.read_text().splitlines())}
 
 
+def _label(method: str, strength: float) -> str:
+    """The row's method name; penalties with a strength (lcb, bonus) carry it, e.g. 'BRAID-Bonus (k=0.3)'."""
+    return f"{LABELS[method]} (k={strength:g})" if METHODS[method] in ("lcb", "bonus") else LABELS[method]
+
+
 def _append(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -102,7 +107,8 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
         record("Pretrained", None, sample_codes(policy, n, cfg.eval.batch_size, seed)[0], {})
     for alpha in alphas:
         for method in methods:
-            if (LABELS[method], alpha) in done:
+            label = _label(method, cfg.finetune.strength)
+            if (label, alpha) in done:
                 continue
             c = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, alpha=alpha))
             t = time.perf_counter()
@@ -112,7 +118,7 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
             codes, dist = sample_codes(tuner.policy, n, c.eval.batch_size, seed)
             r, g = score(load_reward(run.uri, METHODS[method], c.finetune.strength), codes, METHODS[method])
             last = pd.DataFrame(history).tail(10).mean(numeric_only=True)
-            record(LABELS[method], alpha, codes, {
+            record(label, alpha, codes, {
                 "seconds": train_s, "objective": float(last["objective"]), "kl": float(last["kl"]),
                 "r_hat_samples": float(np.mean(r)), "conservative_samples": float(np.mean(r - g)),
                 "onehot_distance": float(np.mean(dist)), "steps": c.finetune.steps})
@@ -130,8 +136,26 @@ def load_rows() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _pm(x: pd.Series) -> str:
-    return f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if len(x) > 1 else f"{x.mean():.3f}"
+def _pm(x: pd.Series, digits: int = 3) -> str:
+    x = x.dropna()
+    if x.empty:
+        return "-"
+    return f"{x.mean():.{digits}f} ± {x.std(ddof=1):.{digits}f}" if len(x) > 1 else f"{x.mean():.{digits}f}"
+
+
+def _chosen(g: pd.DataFrame, key, diverse: bool = False) -> str:
+    """Per seed, the run maximising ``key`` (optionally among runs with >= 100 distinct designs); returns
+    'alpha(s): median mean ± std, distinct'."""
+    picks = []
+    for _, runs in g.groupby("seed"):
+        pool = runs[runs["distinct"] >= 100] if diverse else runs
+        if not pool.empty:
+            picks.append(pool.loc[key(pool).idxmax()])
+    if not picks:
+        return "none"
+    p = pd.DataFrame(picks)
+    alphas = "/".join(f"{a:g}" for a in p["alpha"])
+    return f"{alphas}: {_pm(p['median'])} ({p['distinct'].mean():.0f} distinct)"
 
 
 def report(df: pd.DataFrame) -> str:
@@ -143,24 +167,21 @@ def report(df: pd.DataFrame) -> str:
                   "| method | alpha | median | mean | p90 | max | frac above best offline | distinct /640 | "
                   "3-mer Pearson | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for (method, alpha), g in t.groupby(["method", "alpha"], dropna=False, sort=False):
-            secs = _pm(g["seconds"]) if "seconds" in g and g["seconds"].notna().any() else "-"
+            secs = _pm(g["seconds"], 0) if "seconds" in g else "-"
             lines.append(f"| {method} | {'-' if pd.isna(alpha) else f'{alpha:g}'} | {_pm(g['median'])} | "
                          f"{_pm(g['mean'])} | {_pm(g['p90'])} | {_pm(g['max'])} | {_pm(g['frac_above_best'])} | "
-                         f"{_pm(g['distinct'])} | {_pm(g['kmer_pearson'])} | {secs} |")
+                         f"{_pm(g['distinct'], 0)} | {_pm(g['kmer_pearson'])} | {secs} |")
         tuned = t[t["alpha"].notna()]
         if not tuned.empty:
-            lines += ["", "Alpha selection (per method; oracle medians mean ± std over seeds):", "",
-                      "| method | best alpha by oracle | its median | worst median over the grid | "
-                      "alpha by budget (64 queries/run) | its median | alpha by own estimate (no oracle) | its median |",
-                      "|---|---|---|---|---|---|---|---|"]
+            lines += ["", "Alpha selection per method (oracle medians, mean ± std over seeds; the grid's alphas "
+                      "are chosen per seed by the rule, then the chosen runs' medians are averaged):", "",
+                      "| method | by oracle | by oracle, >= 100 distinct | worst alpha | by budget (64 queries/run) "
+                      "| by own estimate (no oracle) |", "|---|---|---|---|---|---|"]
             for method, g in tuned.groupby("method", sort=False):
-                per_alpha = g.groupby("alpha")
-                med = per_alpha["median"].mean()
-                by_budget = per_alpha["oracle_budget_mean"].mean().idxmax()
-                by_own = per_alpha["conservative_samples"].mean().idxmax()
-                lines.append(f"| {method} | {med.idxmax():g} | {_pm(per_alpha.get_group(med.idxmax())['median'])} | "
-                             f"{med.min():.3f} | {by_budget:g} | {_pm(per_alpha.get_group(by_budget)['median'])} | "
-                             f"{by_own:g} | {_pm(per_alpha.get_group(by_own)['median'])} |")
+                cells = [_chosen(g, lambda x: x["median"]), _chosen(g, lambda x: x["median"], diverse=True),
+                         _chosen(g, lambda x: -x["median"]), _chosen(g, lambda x: x["oracle_budget_mean"]),
+                         _chosen(g, lambda x: x["conservative_samples"])]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -172,24 +193,30 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = sorted(df["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False, sharex="col")
+    for col, task in enumerate(tasks):
         t = df[df["task"] == task]
+        top, bottom = axes[0, col], axes[1, col]
         for method, g in t[t["alpha"].notna()].groupby("method", sort=False):
-            stats = g.groupby("alpha")["median"].agg(["mean", "std"]).reset_index()
-            ax.errorbar(stats["alpha"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                        label=method)
+            for ax, column in ((top, "median"), (bottom, "distinct")):
+                stats = g.groupby("alpha")[column].agg(["mean", "std"]).reset_index()
+                ax.errorbar(stats["alpha"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                            label=method)
         for method, style in (("Pretrained", ":"), ("Grad. (r_hat)", "-.")):
-            ref = t[t["method"] == method]["median"]
+            ref = t[t["method"] == method]
             if not ref.empty:
-                ax.axhline(ref.mean(), color="grey", linestyle=style, label=f"{method} median")
-        ax.axhline(t["best_offline"].mean(), color="crimson", linestyle="--", label="best offline design")
-        ax.set_xscale("log")
-        ax.set_xlabel("alpha (KL weight; reward in z-units of y over D_off)")
-        ax.set_ylabel("oracle median of 640 designs")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, frameon=False)
+                top.axhline(ref["median"].mean(), color="grey", linestyle=style, label=f"{method}")
+                bottom.axhline(ref["distinct"].mean(), color="grey", linestyle=style)
+        top.axhline(t["best_offline"].mean(), color="crimson", linestyle="--", label="best offline design")
+        bottom.axhline(100, color="crimson", linestyle="--", label="100 distinct")
+        top.set_ylabel(f"oracle median of {int(t['n'].max())} designs")
+        bottom.set_ylabel("distinct designs")
+        bottom.set_xlabel("alpha (KL weight; reward in z-units of y over D_off)")
+        top.set_title(task)
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -262,7 +262,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """A typed dataclass from a nested dict: unknown keys (with a did-you-mean) and bad values raise ConfigError
+    naming the dotted key under ``prefix``; missing keys take the field's default."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: got {values!r}, expected a mapping of keys")
     hints = typing.get_type_hints(cls)
@@ -278,7 +280,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, values[name], f"{prefix}{name}.")
+            kwargs[name] = build_dataclass(tp, values[name], f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(values[name], tp, f"{prefix}{name}")
     return cls(**kwargs)
@@ -326,7 +328,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def from_dict(tree: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (as written by ``Config.to_dict``)."""
-    cfg = _build(Config, tree, "")
+    cfg = build_dataclass(Config, tree, "")
     validate(cfg)
     return cfg
 

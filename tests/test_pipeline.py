@@ -40,7 +40,8 @@ def test_default_task_data_stage_end_to_end_and_reuse(tmp_path: Path) -> None:
     for name in ("report.md", "samples.parquet", "metrics.json", "designs.fasta", "scores.png", "training.png"):
         assert (run / "eval" / name).is_file(), name
     samples = pd.read_parquet(run / "eval" / "samples.parquet")
-    assert set(samples["method"]) == {"Offline (top)", "Offline (random)", "Pretrained", "STRL", "BRAID-Bonus"}
+    assert set(samples["method"]) == {"Offline (top)", "Offline (random)", "Grad. (r_hat)", "Pretrained", "STRL",
+                                      "BRAID-Bonus"}
     assert "| BRAID-Bonus | 32 |" in first.stdout
 
     before = (run / "data" / "d_off.parquet").stat().st_mtime_ns

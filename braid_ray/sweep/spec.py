@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from braid_ray.config import Config, ConfigError, _build, from_dict, load_config, parse_override, read_yaml
+from braid_ray.config import (Config, ConfigError, build_dataclass, from_dict, load_config, parse_override,
+                              read_yaml)
 
 SEED_KEY = "run.seed"
 METRIC = "oracle_score"  # selection metric: mean oracle score of a trial's final samples (the budget)
@@ -211,7 +212,7 @@ def _search_space(tree: Any, base: dict, alg: str) -> dict[str, dict[str, list]]
 
 
 def _settings(tree: Any, default_name: str) -> SweepSettings:
-    settings = _build(SweepSettings, tree if tree is not None else {}, "sweep.")
+    settings = build_dataclass(SweepSettings, tree if tree is not None else {}, "sweep.")
     if settings.name is None:
         settings.name = default_name
     s = settings

@@ -42,8 +42,11 @@ def init(cfg: RayConfig) -> None:
         raise ValueError(f"ray address {address} is a dashboard (Jobs API) address, which `ray job submit --address` "
                          "takes; a script joins a cluster by its GCS address (host:6379) or 'auto'. Submit this "
                          "script with `ray job submit`, or unset RAY_ADDRESS to run on a local Ray")
+    # The dashboard is left on (Ray's default with ray[default]): Ray Train's PlacementGroupCleaner asks the
+    # state API, served by the dashboard, whether the controller is alive, and without it logs a warning
+    # every 2 s for the whole run and cannot free a dead run's placement group.
     ray.init(address=address, log_to_driver=os.environ.get("BRAID_RAY_QUIET", "") != "1",
-             include_dashboard=False if address is None else None, runtime_env={"env_vars": worker_env()})
+             runtime_env={"env_vars": worker_env()})
     log.info("ray: %s, resources %s", "joined " + address if address else "started a local cluster",
              {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
 

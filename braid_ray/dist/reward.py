@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from braid_ray.config import Config, from_dict
 from braid_ray.dist import cluster
+from braid_ray.dist.train import MAX_FAILURES, fit
 from braid_ray.reward.fit import RewardData, stack_spec, train_spec
 from braid_ray.reward.stacked import StackedNet
 from braid_ray.reward.train import train_members
@@ -58,9 +59,9 @@ def train_ensemble(cfg: Config, data: RewardData, storage_path: str, name: str) 
         train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray),
                            "codes": data.codes, "z": data.z},
         scaling_config=cluster.scaling(cfg.ray, workers),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=2)),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=MAX_FAILURES)),
     )
-    result = trainer.fit()
+    result = fit(trainer, "reward ensemble", storage_path, name)
     with result.checkpoint.as_directory() as d:
         files = sorted(Path(d).glob("member_*.safetensors"))
         states = [load_file(f) for f in files]

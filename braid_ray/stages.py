@@ -189,9 +189,11 @@ def pretrain_stage(cfg: Config, run: RunDir, data: DataResult, runner: PretrainR
     start = time.perf_counter()
     state, losses = runner(cfg, data.d.codes)
     stage.write_bytes("denoiser.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
-    stage.write_json("losses.json", {"epoch_loss": losses, "seconds": time.perf_counter() - start})
+    seconds = time.perf_counter() - start
+    stage.write_json("losses.json", {"epoch_loss": losses, "seconds": seconds})
     stage.write_yaml("config.yaml", cfg.to_dict())
     stage.finish(record)
+    log.info("pretrain: done in %.1f s, final loss %.4f", seconds, losses[-1] if losses else float("nan"))
     return fingerprint(record)
 
 
@@ -231,6 +233,8 @@ def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upst
         log.info("fine-tune %s: reusing %s/finetune/%s", method, run.uri, method)
         return
     job = FinetuneJob(run.uri, method, data.d.length)
+    log.info("fine-tune %s: %d steps, batch %d, alpha %g, K=%d of T=%d", method, cfg.finetune.steps,
+             cfg.finetune.batch_size, cfg.finetune.alpha, cfg.finetune.k, cfg.diffusion.steps)
     start = time.perf_counter()
     state, history = runner(cfg, job, stage)
     stage.write_bytes("trainable.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
@@ -239,3 +243,4 @@ def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upst
                                       "final": history[-1] if history else {}})
     stage.write_yaml("config.yaml", cfg.to_dict())
     stage.finish(record)
+    log.info("fine-tune %s: done in %.1f s", method, time.perf_counter() - start)

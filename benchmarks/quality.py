@@ -166,6 +166,8 @@ def report(df: pd.DataFrame) -> str:
                   f"Best offline design (oracle): {_pm(t.groupby('seed')['best_offline'].first())}.", "",
                   "| method | alpha | median | mean | p90 | max | frac above best offline | distinct /640 | "
                   "3-mer Pearson | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        order = {m: i for i, m in enumerate(dict.fromkeys(t["method"]))}  # first appearance: references first
+        t = t.assign(_order=t["method"].map(order)).sort_values(["_order", "alpha"], na_position="first", kind="stable")
         for (method, alpha), g in t.groupby(["method", "alpha"], dropna=False, sort=False):
             secs = _pm(g["seconds"], 0) if "seconds" in g else "-"
             lines.append(f"| {method} | {'-' if pd.isna(alpha) else f'{alpha:g}'} | {_pm(g['median'])} | "

@@ -201,9 +201,9 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
         top, bottom = axes[0, col], axes[1, col]
         for method, g in t[t["alpha"].notna()].groupby("method", sort=False):
             for ax, column in ((top, "median"), (bottom, "distinct")):
-                stats = g.groupby("alpha")[column].agg(["mean", "std"]).reset_index()
-                ax.errorbar(stats["alpha"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                            label=method)
+                stats = g.groupby("alpha")[column].agg(["mean", "min", "max"]).reset_index()
+                spread = [stats["mean"] - stats["min"], stats["max"] - stats["mean"]]  # seeds' range: often bimodal
+                ax.errorbar(stats["alpha"], stats["mean"], yerr=spread, marker="o", capsize=3, label=method)
         for method, style in (("Pretrained", ":"), ("Grad. (r_hat)", "-.")):
             ref = t[t["method"] == method]
             if not ref.empty:
@@ -213,7 +213,7 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
         bottom.axhline(100, color="crimson", linestyle="--", label="100 distinct")
         top.set_ylabel(f"oracle median of {int(t['n'].max())} designs")
         bottom.set_ylabel("distinct designs")
-        bottom.set_xlabel("alpha (KL weight; reward in z-units of y over D_off)")
+        bottom.set_xlabel("alpha (KL weight; reward in z-units of y); bars: range over seeds")
         top.set_title(task)
         for ax in (top, bottom):
             ax.set_xscale("log")

@@ -38,7 +38,8 @@ PENALTIES = (("STRL", "none", 0.0), ("BRAID-Boot", "min", 1.0), ("BRAID-Bonus (k
 def enumerate_seed(seed: int) -> list[dict]:
     run_dir = ROOT / "runs" / "bench" / f"tfbind8-seed{seed}"
     if not (run_dir / "reward" / "reward.safetensors").is_file():
-        raise SystemExit(f"{run_dir}: no reward ensemble; run `benchmarks/quality.py run --task tfbind8 --seeds {seed}`")
+        raise SystemExit(f"{run_dir}: no reward ensemble; run "
+                         f"`benchmarks/quality.py run --task tfbind8 --seeds {seed}` first")
     cfg = load_config(ROOT / "configs" / "tfbind8.yaml", [f"run.dir={run_dir}", f"run.seed={seed}"])
     run = RunDir(cfg.run.dir)
     data = data_stage(cfg, run)
@@ -46,7 +47,7 @@ def enumerate_seed(seed: int) -> list[dict]:
     codes = np.array(list(itertools.product(range(4), repeat=8)), dtype=np.int8)
     y = oracle.score(codes)
     in_off = np.zeros(len(codes), dtype=bool)
-    in_off[np.isin(codes @ 4 ** np.arange(7, -1, -1), data.d.codes[data.splits.off] @ 4 ** np.arange(7, -1, -1))] = True
+    in_off[data.d.codes[data.splits.off] @ 4 ** np.arange(7, -1, -1)] = True  # row i of codes is 8-mer i in base 4
     rows = []
     for label, penalty, strength in PENALTIES:
         r, g = score(load_reward(str(run_dir), penalty, strength), codes, penalty)

@@ -59,7 +59,8 @@ def train_ensemble(cfg: Config, data: RewardData, storage_path: str, name: str) 
         train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray),
                            "codes": data.codes, "z": data.z},
         scaling_config=cluster.scaling(cfg.ray, workers),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=MAX_FAILURES)),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES)),
     )
     result = fit(trainer, "reward ensemble", storage_path, name)
     with result.checkpoint.as_directory() as d:

@@ -238,9 +238,9 @@ def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upst
     start = time.perf_counter()
     state, history = runner(cfg, job, stage)
     stage.write_bytes("trainable.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
+    seconds = time.perf_counter() - start
     stage.write_parquet("history.parquet", pd.DataFrame(history))
-    stage.write_json("summary.json", {"method": method, "seconds": time.perf_counter() - start,
-                                      "final": history[-1] if history else {}})
+    stage.write_json("summary.json", {"method": method, "seconds": seconds, "final": history[-1] if history else {}})
     stage.write_yaml("config.yaml", cfg.to_dict())
     stage.finish(record)
-    log.info("fine-tune %s: done in %.1f s", method, time.perf_counter() - start)
+    log.info("fine-tune %s: done in %.1f s", method, seconds)

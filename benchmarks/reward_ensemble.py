@@ -65,8 +65,8 @@ def speed(data: DataResult, cfg) -> dict:
 
     import ray
 
-    from braid_ray.dist.cluster import WORKER_ENV
-    from braid_ray.dist.reward import train_ensemble
+    from braid_ray.distributed.cluster import WORKER_ENV
+    from braid_ray.distributed.reward import train_ensemble
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
     ray_cfg = load_config(None, ["reward.epochs=3", "reward.patience=100", "ray.num_workers=2"])

@@ -77,7 +77,7 @@ def _worker(config: dict) -> list[dict]:
         master = 0
         moments = _bytes(_adam_moments(opt))
     else:
-        from braid_ray.images.dist.train import _import_deepspeed
+        from braid_ray.distributed.images import _import_deepspeed
         from braid_ray.images.zero import deepspeed_config
 
         deepspeed = _import_deepspeed(use_gpu=False)

@@ -29,6 +29,7 @@ class RunConfig:
     dir: str = "runs/tfbind8"  # run directory: local path, or s3:// / gs:// URI
     seed: int = 0  # global seed; every split, member and sampler seed derives from it
     overwrite: bool = False  # replace a stage whose config changed (otherwise: stop with an error)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # in-process runs: auto = cuda when available, else cpu
 
 
 @dataclass
@@ -138,7 +139,20 @@ class RayConfig:
     address: str | None = None  # Ray cluster address; None = join the job's cluster or start a local one
     num_workers: int = 2  # Ray Train workers per trainer (global); 0 = run in-process, without Ray
     cpus_per_worker: float = 0.5  # CPUs reserved per worker (fractional keeps 2-core laptops from starving)
-    use_gpu: bool = False  # one GPU per worker
+    use_gpu: bool = False  # one GPU per worker (NCCL between workers); every worker model and tensor on it
+    # A local run.dir on a multi-node or autoscaling cluster is refused (workers would write checkpoints to
+    # their own disks) unless it is a filesystem mounted on every node, which this declares.
+    shared_filesystem: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    """Where fine-tuning metrics go besides the run directory's history (every step, rank-averaged)."""
+
+    progress: Literal["auto", "bar", "lines"] = "auto"  # a progress bar on a terminal, log lines otherwise
+    tensorboard: bool = False  # scalars under <run.dir>/tensorboard/<stage> (a local run.dir)
+    mlflow_uri: str | None = None  # an MLflow tracking URI (pip install 'braid-ray[tracking]'); None = off
+    ray_logs: bool = False  # show Ray's own log lines (worker stdout, Train's reporting) on the console
 
 
 @dataclass
@@ -194,6 +208,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -410,6 +425,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.grad_lr > 0, "eval.grad_lr", cfg.eval.grad_lr, "a positive learning rate")
     _check(cfg.ray.num_workers >= 0, "ray.num_workers", cfg.ray.num_workers, "an integer >= 0 (0 = in-process)")
     _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "a positive CPU count")
+    _check(not cfg.tracking.tensorboard or "://" not in cfg.run.dir, "tracking.tensorboard", True,
+           "false with a bucket run.dir (TensorBoard writes local files); run TensorBoard on a local run.dir")
     from braid_ray.images.settings import validate_image_sections
 
     validate_image_sections(cfg)

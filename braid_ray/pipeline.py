@@ -23,7 +23,7 @@ def member_trainer(cfg: Config, run_dir: RunDir) -> MemberTrainer:
     """Ray Train workers for the reward members, or in-process when ``ray.num_workers=0``."""
     if cfg.ray.num_workers == 0:
         return train_in_process
-    from braid_ray.dist.reward import train_ensemble  # the core never imports Ray at module level
+    from braid_ray.distributed.reward import train_ensemble  # the core never imports Ray at module level
 
     storage = str(run_dir.stage("reward").local_path("ray")) if run_dir.is_local() else f"{run_dir.uri}/reward/ray"
     return lambda c, data: train_ensemble(c, data, storage, name=f"reward-seed{c.run.seed}")
@@ -36,7 +36,7 @@ def _ray_storage(run_dir: RunDir, stage: str) -> str:
 def pretrain_runner(cfg: Config, run_dir: RunDir) -> PretrainRunner:
     if cfg.ray.num_workers == 0:
         return pretrain_in_process
-    from braid_ray.dist.train import pretrain_on_ray
+    from braid_ray.distributed.train import pretrain_on_ray
 
     return lambda c, codes: pretrain_on_ray(c, codes, _ray_storage(run_dir, "pretrain"), f"pretrain-seed{c.run.seed}")
 
@@ -44,12 +44,10 @@ def pretrain_runner(cfg: Config, run_dir: RunDir) -> PretrainRunner:
 def finetune_runner(cfg: Config, run_dir: RunDir) -> FinetuneRunner:
     if cfg.ray.num_workers == 0:
         return finetune_in_process
-    from braid_ray.dist.train import finetune_on_ray
-    from braid_ray.finetune.run import read_checkpoint
+    from braid_ray.distributed.train import finetune_on_ray
 
     def on_ray(c: Config, job, stage):
-        path = finetune_on_ray(c, job, _ray_storage(run_dir, f"finetune/{job.method}"), f"{job.method}-seed{c.run.seed}")
-        return read_checkpoint(path)
+        return finetune_on_ray(c, job, _ray_storage(run_dir, f"finetune/{job.method}"), f"{job.method}-seed{c.run.seed}")
 
     return on_ray
 

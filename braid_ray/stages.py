@@ -1,6 +1,6 @@
 """Pipeline stages: data (the offline protocol), oracle, reward, pretrain, fine-tune; evaluation is in evaluate.py.
 
-Stages that train take a runner (in-process here; Ray Train adapters in braid_ray.dist).
+Stages that train take a runner (in-process here; Ray Train adapters in braid_ray.distributed).
 
 Each stage records its config and inputs in the run directory and is reused when they are unchanged.
 """
@@ -11,7 +11,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,11 @@ from braid_ray.data.encoding import decode, encode_strings
 from braid_ray.data.splits import Splits, offline_splits, summarize
 from braid_ray.data.tables import Labelled
 from braid_ray.data.tasks import Task, get_task
+from braid_ray.devices import resolve_device
 from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrain
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, trainer_state_files
-from braid_ray.finetune.trainer import StepMetrics
+from braid_ray.finetune.loop import Save, drive, tracking_sinks
+from braid_ray.finetune.trainer import Monitor
 from braid_ray.oracles import Oracle, build_oracle
 from braid_ray.reward.conservative import ConservativeReward
 from braid_ray.reward.fit import (RewardData, assemble, calibration, calibration_markdown, reward_data, stack_spec,
@@ -170,12 +172,12 @@ FinetuneRunner = Callable[[Config, FinetuneJob, Stage], tuple[dict, list[dict]]]
 
 
 def pretrain_in_process(cfg: Config, codes: np.ndarray) -> tuple[dict, list[float]]:
+    device = resolve_device(cfg.run.device)
     backbone = build_backbone(cfg.diffusion, codes.shape[1])
-    torch.manual_seed(cfg.run.seed)
-    model = build_denoiser(cfg.diffusion, codes.shape[1])
-    losses = pretrain(model, backbone, codes, cfg.diffusion, cfg.run.seed,
+    model = build_denoiser(cfg.diffusion, codes.shape[1], seed=cfg.run.seed).to(device)
+    losses = pretrain(model, backbone, codes, cfg.diffusion, cfg.run.seed, device=device,
                       on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d: loss %.4f", e, cfg.diffusion.epochs, loss))
-    return model.state_dict(), losses
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, losses
 
 
 def pretrain_stage(cfg: Config, run: RunDir, data: DataResult, runner: PretrainRunner = pretrain_in_process) -> str:
@@ -197,9 +199,37 @@ def pretrain_stage(cfg: Config, run: RunDir, data: DataResult, runner: PretrainR
     return fingerprint(record)
 
 
+def oracle_monitor(cfg: Config, run_dir: str) -> Monitor | None:
+    """The task's oracle from the (finished) data and oracle stages of ``run_dir``, when fine-tuning monitors
+    it (``finetune.monitor_queries > 0``): for the r_hat-vs-oracle picture only, never in the loss."""
+    if cfg.finetune.monitor_queries == 0:
+        return None
+    run = RunDir(run_dir)
+    return oracle_stage(cfg, run, data_stage(cfg, run)).score
+
+
+class StageCheckpointSink:
+    """Writes the driver's checkpoints into a stage folder of the run directory (in-process fine-tuning)."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+
+    def report(self, metrics: dict[str, float], save: Save | None) -> None:
+        if save is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save(Path(tmp))
+            for path in sorted(Path(tmp).iterdir()):
+                self.stage.write_bytes(path.name, path.read_bytes())
+
+    def close(self) -> None:
+        pass
+
+
 def finetune_in_process(cfg: Config, job: FinetuneJob, stage: Stage) -> tuple[dict, list[dict]]:
-    """The fine-tuning loop in this process, checkpointing into ``stage`` and resuming from it."""
-    tuner = build_finetuner(cfg, job, seed=cfg.run.seed)
+    """The fine-tuning loop in this process (on ``run.device``), checkpointing into ``stage`` and resuming from it."""
+    tuner = build_finetuner(cfg, job, seed=cfg.run.seed, device=resolve_device(cfg.run.device),
+                            monitor=oracle_monitor(cfg, job.run_dir))
     history: list[dict] = []
     if stage.exists("trainer_state.pt"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -209,17 +239,16 @@ def finetune_in_process(cfg: Config, job: FinetuneJob, stage: Stage) -> tuple[di
         log.info("fine-tune %s: resumed at step %d", job.method, tuner.step)
     ft = cfg.finetune
 
-    def on_step(m: StepMetrics) -> None:
-        history.append(asdict(m))
-        if m.step % ft.log_every == 0 or m.step == ft.steps:
-            log.info("fine-tune %s step %d/%d: r_hat %.4f g_hat %.4f KL %.4f objective %.4f", job.method, m.step,
-                     ft.steps, m.r_hat, m.g_hat, m.kl, m.objective)
-        if m.step % ft.checkpoint_every == 0 or m.step == ft.steps:
-            for name, blob in trainer_state_files(tuner, history).items():
-                stage.write_bytes(name, blob)
+    def save(directory: Path) -> None:
+        for name, blob in trainer_state_files(tuner, history).items():
+            (directory / name).write_bytes(blob)
 
-    tuner.train(ft.steps, on_step)
-    return tuner.policy.trainable.state_dict(), history
+    run = RunDir(job.run_dir)
+    sinks = tracking_sinks(cfg.tracking, str(run.stage("").local_path()) if run.is_local() else None,
+                           f"fine-tune {job.method}", f"finetune/{job.method}", ft.steps, ft.log_every)
+    drive(tuner, ft.steps, sinks=[*sinks, StageCheckpointSink(stage)], save=save,
+          checkpoint_every=ft.checkpoint_every, history=history)
+    return {k: v.detach().cpu() for k, v in tuner.policy.trainable.state_dict().items()}, history
 
 
 def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upstream: dict[str, str],

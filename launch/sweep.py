@@ -23,7 +23,7 @@ from braid_ray import cli  # noqa: E402
 from braid_ray.config import ConfigError  # noqa: E402
 from braid_ray.sweep import load_sweep  # noqa: E402
 from braid_ray.sweep.results import seed_markdown  # noqa: E402
-from braid_ray.sweep.tune import run_sweep  # noqa: E402
+from braid_ray.distributed.tune import run_sweep  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ def ray_local():
     os.environ.setdefault("BRAID_RAY_QUIET", "1")
     import ray
 
-    from braid_ray.dist.cluster import WORKER_ENV
+    from braid_ray.distributed.cluster import WORKER_ENV
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
     yield ray

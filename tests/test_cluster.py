@@ -20,7 +20,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from braid_ray.config import Config, RayConfig, load_config
-from braid_ray.dist import cluster
+from braid_ray.distributed import cluster
 from tests.conftest import ROOT
 
 CLUSTER = ROOT / "cluster"

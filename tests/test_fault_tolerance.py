@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from braid_ray import cli, pipeline
 from braid_ray.config import Config, load_config
-from braid_ray.dist import train
+from braid_ray.distributed import train, workers
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, read_checkpoint
 from tests import faults
 from tests.conftest import ROOT
@@ -45,7 +45,7 @@ def _config(run: Path) -> Config:
     return load_config(None, [*FAST, f"run.dir={run}", *TWO_WORKERS])
 
 
-def _finetune(run: Path, storage: Path, name: str) -> Path:
+def _finetune(run: Path, storage: Path, name: str) -> tuple[dict, list[dict]]:
     return train.finetune_on_ray(_config(run), FinetuneJob(str(run), "braid_bonus", 8), str(storage), name)
 
 
@@ -55,7 +55,7 @@ def _inject(monkeypatch, directory: Path, kind: str, step: int, rank: int) -> No
 
     def worker(config: dict) -> dict:
         faults.install(str(directory), kind, step, rank)
-        from braid_ray.dist import train as unpatched  # the worker imports its own, unpatched module
+        from braid_ray.distributed import train as unpatched  # the worker imports its own, unpatched module
 
         return unpatched._finetune_worker(config)
 
@@ -64,10 +64,10 @@ def _inject(monkeypatch, directory: Path, kind: str, step: int, rank: int) -> No
 
 def test_killed_worker_resumes_from_its_last_checkpoint(upstream: Path, ray_local, tmp_path: Path,
                                                         monkeypatch) -> None:
-    reference = read_checkpoint(_finetune(upstream, tmp_path / "ray", "uninterrupted"))
+    reference = _finetune(upstream, tmp_path / "ray", "uninterrupted")
     # Rank 1 is SIGKILLed as it starts step 3; the checkpoint of step 2 is the last one reported.
     _inject(monkeypatch, tmp_path / "faults", "kill", step=3, rank=1)
-    state, history = read_checkpoint(_finetune(upstream, tmp_path / "ray", "killed"))
+    state, history = _finetune(upstream, tmp_path / "ray", "killed")
 
     assert (tmp_path / "faults" / "kill.fired").is_file()
     # Both ranks started step 3 twice: the restarted group resumed at the checkpoint of step 2, not at step 1.
@@ -111,7 +111,7 @@ class _FailingTrainer:
 
 def test_a_failed_run_is_one_message_naming_the_run_and_the_cause(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError) as error:
-        train.fit(_FailingTrainer(), "fine-tune strl", str(tmp_path), "strl-seed0")
+        workers.fit(_FailingTrainer(), "fine-tune strl", str(tmp_path), "strl-seed0")
     message = str(error.value)
     assert message.startswith("fine-tune strl failed on Ray Train (after up to 2 restarts): "
                               "rank 0: ValueError: reward.safetensors: no member 3.")
@@ -125,9 +125,11 @@ def test_a_checkpoint_on_remote_storage_is_read_from_a_local_copy(tmp_path: Path
     stored.mkdir(parents=True)
     (stored / "history.json").write_text('[{"step": 1}]')
     remote = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())  # not a local filesystem
-    local = train.local_dir(Checkpoint("checkpoint_000001", filesystem=remote))
-    assert local != stored and (local / "history.json").read_text() == '[{"step": 1}]'
-    assert train.local_dir(Checkpoint(str(stored))) == stored  # local storage: read in place
+    with workers.local_dir(Checkpoint("checkpoint_000001", filesystem=remote)) as local:
+        assert local != stored and (local / "history.json").read_text() == '[{"step": 1}]'
+    assert not local.exists()  # the downloaded copy is removed after use
+    with workers.local_dir(Checkpoint(str(stored))) as local:
+        assert local == stored  # local storage: read in place
 
 
 def test_launch_scripts_print_one_line_for_a_nonfinite_loss(caplog) -> None:

@@ -44,7 +44,7 @@ def test_image_pipeline_end_to_end_in_process(tmp_path: Path) -> None:
 
 
 def test_ray_data_actor_pool_embeds_like_the_in_process_path(tmp_path: Path, ray_local) -> None:
-    from braid_ray.images.dist.offline import embed_table
+    from braid_ray.distributed.image_data import embed_table
 
     cfg = tiny_cfg("image.embed_batch_size=4", "image.embed_actors=1")
     pixels = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from braid_ray.images.components import load_components, stock_pipeline
-from braid_ray.images.dist.export import consolidated_fp32
-from braid_ray.images.dist.train import finetune_images_on_ray
+from braid_ray.distributed.zero_export import consolidated_fp32
+from braid_ray.distributed.images import finetune_images_on_ray
 from braid_ray.images.export import LORA_WEIGHT_NAME, save_lora_for_diffusers, unet_weights
 from braid_ray.images.finetune import build_policy
 from tests.test_images_sampler import tiny_cfg, tiny_reward_bytes

@@ -1,4 +1,4 @@
-"""The core library must run without Ray or DeepSpeed; only braid_ray.dist may import them."""
+"""The core library must run without Ray or DeepSpeed; only braid_ray.distributed may import them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 
 CORE = [p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
         for p in sorted((ROOT / "braid_ray").rglob("*.py"))
-        if "dist" not in p.parts and p.name != "__init__.py"]
+        if "distributed" not in p.parts and p.name != "__init__.py"]
 
 
 def test_core_modules_import_neither_ray_nor_deepspeed() -> None:

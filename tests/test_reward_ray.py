@@ -48,7 +48,7 @@ def test_workers_that_do_not_fit_the_cluster_fail_fast(tmp_path: Path, ray_local
 
 
 def test_member_slices_cover_every_member_once() -> None:
-    from braid_ray.dist.reward import member_slices
+    from braid_ray.distributed.reward import member_slices
 
     for members in (1, 3, 8):
         for workers in range(1, members + 1):

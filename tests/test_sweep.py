@@ -116,7 +116,7 @@ def test_command_line_overrides_reach_the_settings_and_the_base_config(tmp_path:
 
 
 def test_a_changed_sweep_file_does_not_resume_the_old_sweep(tmp_path: Path) -> None:
-    from braid_ray.sweep.tune import check_record, sweep_uri
+    from braid_ray.distributed.tune import check_record, sweep_uri
 
     path = write_sweep(tmp_path / "s.yaml", tmp_path / "run", {"finetune.alpha": {"grid": [0.1, 1.0]}},
                        {"name": "r", "storage": str(tmp_path / "out")})
@@ -129,7 +129,7 @@ def test_a_changed_sweep_file_does_not_resume_the_old_sweep(tmp_path: Path) -> N
 
 
 def test_asha_stops_on_the_conservative_objective_never_on_the_oracle(tmp_path: Path) -> None:
-    from braid_ray.sweep.tune import search_parts
+    from braid_ray.distributed.tune import search_parts
 
     path = write_sweep(tmp_path / "s.yaml", tmp_path / "run", {"finetune.alpha": {"grid": [0.1, 1.0]}},
                        {"asha": {"enabled": True, "grace_period": 2}})
@@ -229,7 +229,7 @@ def test_a_trial_queries_the_oracle_exactly_its_budget_and_never_twice(upstream:
 
 
 def test_grid_sweep_on_local_ray(tmp_path: Path, upstream: Path, ray_local) -> None:
-    from braid_ray.sweep.tune import run_sweep
+    from braid_ray.distributed.tune import run_sweep
 
     budget = 16
     path = write_sweep(tmp_path / "grid.yaml", upstream,
@@ -276,7 +276,7 @@ def test_grid_sweep_on_local_ray(tmp_path: Path, upstream: Path, ray_local) -> N
 
 
 def test_a_trial_can_launch_a_torch_trainer(tmp_path: Path, upstream: Path, ray_local) -> None:
-    from braid_ray.sweep.tune import run_sweep
+    from braid_ray.distributed.tune import run_sweep
 
     path = write_sweep(tmp_path / "train.yaml", upstream, {"finetune.alpha": {"grid": [0.1]}},
                        {"name": "train", "storage": str(tmp_path / "sweeps"), "oracle_budget": 8},

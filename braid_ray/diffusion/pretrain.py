@@ -27,33 +27,41 @@ def build_backbone(cfg: DiffusionConfig, length: int, temperature: float = 0.5,
     return BACKBONES[cfg.backbone](length, cfg.steps, cfg.eta, temperature, straight_through)
 
 
-def build_denoiser(cfg: DiffusionConfig, length: int) -> ConvDenoiser:
-    return ConvDenoiser(length, cfg.channels, cfg.blocks, cfg.kernel_size, cfg.emb_dim)
+def build_denoiser(cfg: DiffusionConfig, length: int, seed: int | None = None) -> ConvDenoiser:
+    """The denoiser on the CPU; with ``seed``, its initial weights depend on the seed alone (the same on every
+    rank), drawn without touching the global RNG's state."""
+    if seed is None:
+        return ConvDenoiser(length, cfg.channels, cfg.blocks, cfg.kernel_size, cfg.emb_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ConvDenoiser(length, cfg.channels, cfg.blocks, cfg.kernel_size, cfg.emb_dim)
 
 
 def pretrain(model: nn.Module, backbone: GaussianOneHotDiffusion, codes: np.ndarray, cfg: DiffusionConfig,
-             seed: int, batch_size: int | None = None,
+             seed: int, batch_size: int | None = None, device: torch.device | None = None,
              on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``model`` (eps prediction) on one-hot ``codes`` (N, L) for cfg.epochs; returns the mean loss per epoch.
+    """Train ``model`` (eps prediction, already on ``device``) on one-hot ``codes`` (N, L) for cfg.epochs; returns
+    the mean loss per epoch. The rows, the noise and its generator live on ``device`` (default: the CPU).
 
     ``batch_size`` is this rank's share of cfg.batch_size (default: all of it).
     """
     batch_size = batch_size or cfg.batch_size
-    g = torch.Generator().manual_seed(seed)
+    device = device or torch.device("cpu")
+    g = torch.Generator(device=device).manual_seed(seed)
     rng = np.random.default_rng(seed)
-    x_all = backbone.encode(torch.from_numpy(np.asarray(codes)))
+    x_all = backbone.encode(torch.from_numpy(np.asarray(codes)).to(device))
     steps_per_epoch = max(1, math.ceil(len(codes) / batch_size))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     losses = []
     model.train()
     for epoch in range(cfg.epochs):
-        order = torch.from_numpy(rng.permutation(len(codes)))
+        order = torch.from_numpy(rng.permutation(len(codes))).to(device)
         total = 0.0
         for s in range(steps_per_epoch):
             x0 = x_all[order[s * batch_size:(s + 1) * batch_size]]
             if cfg.data_noise > 0:
-                x0 = x0 + cfg.data_noise * torch.randn(x0.shape, generator=g)
+                x0 = x0 + cfg.data_noise * torch.randn(x0.shape, generator=g, device=device)
             loss = backbone.loss(model, x0, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -30,47 +29,55 @@ class FinetuneJob:
     length: int  # sequence length L
 
 
-def load_pretrained(cfg: Config, run_dir: str, length: int) -> torch.nn.Module:
+def load_pretrained(cfg: Config, run_dir: str, length: int,
+                    device: torch.device = torch.device("cpu")) -> torch.nn.Module:
     model = build_denoiser(cfg.diffusion, length)
     model.load_state_dict(load_safetensors(RunDir(run_dir).stage("pretrain").read_bytes("denoiser.safetensors")))
-    return model.eval()
+    return model.to(device).eval()
 
 
-def load_reward(run_dir: str, penalty: str, strength: float) -> ConservativeReward:
-    return ConservativeReward.from_bytes(RunDir(run_dir).stage("reward").read_bytes("reward.safetensors"),
-                                         penalty=penalty, strength=strength)
+def load_reward(run_dir: str, penalty: str, strength: float,
+                device: torch.device = torch.device("cpu")) -> ConservativeReward:
+    reward = ConservativeReward.from_bytes(RunDir(run_dir).stage("reward").read_bytes("reward.safetensors"),
+                                           penalty=penalty, strength=strength)
+    return reward.to(device)
 
 
-def build_finetuner(cfg: Config, job: FinetuneJob, seed: int,
-                    grad_sync: Callable[[list[torch.Tensor]], None] | None = None) -> FineTuner:
+def build_finetuner(cfg: Config, job: FinetuneJob, seed: int, device: torch.device | None = None,
+                    world_size: int = 1, grad_sync: Callable[[list[torch.Tensor]], None] | None = None,
+                    monitor: Monitor | None = None) -> FineTuner:
+    """A FineTuner for ``job`` with every model, buffer and generator on ``device`` (default: the CPU).
+
+    ``world_size`` data-parallel workers share the global ``finetune.batch_size`` and oracle budget (an uneven
+    split is refused); ``seed`` is this worker's sampler noise, while the initial weights and the K of each
+    step come from ``run.seed`` alone, so they are the same on every worker.
+    """
     ft = cfg.finetune
+    device = device or torch.device("cpu")
     backbone = build_backbone(cfg.diffusion, job.length, ft.temperature, ft.straight_through)
-    torch.manual_seed(cfg.run.seed)  # the same initial trainable weights on every worker
-    policy = FineTunedPolicy(backbone, load_pretrained(cfg, job.run_dir, job.length), ft.parameterization)
-    reward = load_reward(job.run_dir, METHODS[job.method], ft.strength)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)  # the same initial trainable weights on every worker
+        policy = FineTunedPolicy(backbone, load_pretrained(cfg, job.run_dir, job.length, device), ft.parameterization)
+    policy = policy.to(device)
+    reward = load_reward(job.run_dir, METHODS[job.method], ft.strength, device)
 
     def reward_fn(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reward(backbone.reward_input(x0))
 
-    return FineTuner(policy, reward_fn, alpha=ft.alpha, k=ft.k, batch_size=_share(ft.batch_size), lr=ft.lr,
+    return FineTuner(policy, reward_fn, alpha=ft.alpha, k=ft.k,
+                     batch_size=share(ft.batch_size, world_size, "finetune.batch_size"), lr=ft.lr,
                      steps=ft.steps, clip=ft.clip, grad_accum=ft.grad_accum, randomize_k=ft.randomize_k,
-                     reward_scale=reward.stats.y_std, seed=seed, grad_sync=grad_sync,
-                     monitor=oracle_monitor(cfg, job.run_dir) if ft.monitor_queries > 0 else None,
-                     monitor_every=ft.monitor_every, monitor_queries=_share(ft.monitor_queries))
+                     reward_scale=reward.stats.y_std, seed=seed, k_seed=cfg.run.seed, device=device,
+                     grad_sync=grad_sync, monitor=monitor, monitor_every=ft.monitor_every,
+                     monitor_queries=share(ft.monitor_queries, world_size, "finetune.monitor_queries"))
 
 
-def oracle_monitor(cfg: Config, run_dir: str) -> Monitor:
-    """The task's oracle, from the (finished) data and oracle stages of ``run_dir``: for monitoring only."""
-    from braid_ray.stages import data_stage, oracle_stage  # stages builds fine-tuners: import here, not above
-
-    run = RunDir(run_dir)
-    return oracle_stage(cfg, run, data_stage(cfg, run)).score
-
-
-def _share(total: int) -> int:
-    """This worker's share of a global count (the batch, the oracle budget) when data-parallel."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return max(1, total // world) if total > 0 else 0
+def share(total: int, world_size: int, key: str) -> int:
+    """This worker's share of a global count (the batch, the oracle budget) over ``world_size`` workers."""
+    if total % world_size:
+        raise ValueError(f"{key}={total} does not split evenly over {world_size} data-parallel workers; make it a "
+                         f"multiple of ray.num_workers={world_size}")
+    return total // world_size
 
 
 def trainer_state_files(tuner: FineTuner, history: list[dict]) -> dict[str, bytes]:
@@ -84,7 +91,9 @@ def trainer_state_files(tuner: FineTuner, history: list[dict]) -> dict[str, byte
 
 def load_trainer_state(tuner: FineTuner, directory: Path) -> list[dict]:
     """Restore a FineTuner from ``trainer_state_files`` written to ``directory``; returns the history so far."""
-    state = torch.load(directory / "trainer_state.pt", weights_only=True)  # no unpickling of arbitrary objects
+    # weights-only: no unpickling of arbitrary objects; tensors load to the CPU and Adam's state follows its
+    # parameters' device in load_state_dict (the generators' states must be CPU byte tensors)
+    state = torch.load(directory / "trainer_state.pt", weights_only=True, map_location="cpu")
     state["trainable"] = load_safetensors((directory / "trainable.safetensors").read_bytes())
     tuner.load_state_dict(state)
     return json.loads((directory / "history.json").read_text())

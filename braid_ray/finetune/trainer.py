@@ -42,7 +42,9 @@ class FineTuner:
     """One policy, one reward, one optimizer (created once), and the steps that update them.
 
     ``batch_size`` is per worker; data-parallel callers pass ``grad_sync``, which averages the gradients
-    over workers after backward. ``reward_scale`` divides the reward so that alpha means the same on every task
+    over workers after backward. The policy, the reward and the noise generator (``seed``, this worker's own)
+    live on ``device``; K (with ``randomize_k``) comes from a CPU generator seeded by ``k_seed``, which every
+    worker shares, so all ranks unroll the same number of steps (ZeRO-3 would hang otherwise). ``reward_scale`` divides the reward so that alpha means the same on every task
     (the std of y over D_off, so the reward is in z-score units). ``monitor``, when given, scores
     ``monitor_queries`` fresh hard samples with the oracle every ``monitor_every`` steps, for the r_hat-vs-r
     picture; the scores never reach the loss.
@@ -50,7 +52,8 @@ class FineTuner:
 
     def __init__(self, policy: FineTunedPolicy, reward_fn: RewardFn, *, alpha: float, k: int, batch_size: int,
                  lr: float, steps: int, clip: float = 1.0, grad_accum: int = 1, randomize_k: bool = False,
-                 reward_scale: float = 1.0, seed: int = 0, device: torch.device | None = None,
+                 reward_scale: float = 1.0, seed: int = 0, k_seed: int | None = None,
+                 device: torch.device | None = None,
                  use_checkpoint: bool = True, lr_schedule: str = "cosine",
                  grad_sync: Callable[[list[torch.Tensor]], None] | None = None, monitor: Monitor | None = None,
                  monitor_every: int = 0, monitor_queries: int = 0):
@@ -68,13 +71,14 @@ class FineTuner:
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(steps, 1))
                           if lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0))
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.k_generator = torch.Generator().manual_seed(seed if k_seed is None else k_seed)  # CPU, shared by ranks
         self.monitor, self.monitor_every, self.monitor_queries = monitor, monitor_every, monitor_queries
         self.step = 0
 
     def _k(self) -> int:
         if not self.randomize_k:
             return self.k
-        return int(torch.randint(1, self.k + 1, (1,), generator=self.generator))
+        return int(torch.randint(1, self.k + 1, (1,), generator=self.k_generator))
 
     def sample(self, n: int, k: int) -> Rollout:
         return rollout(self.policy, n, k, self.generator, self.device, self.use_checkpoint)
@@ -112,7 +116,7 @@ class FineTuner:
                 self.step % self.monitor_every == 0 or self.step == self.total_steps):
             # its own generator, so that monitoring leaves the training trajectory unchanged
             g = torch.Generator(device=self.device).manual_seed(int(self.generator.initial_seed()) + self.step)
-            codes = self.policy.backbone.decode(self.sample_designs(self.monitor_queries, generator=g)).numpy()
+            codes = self.policy.backbone.decode(self.sample_designs(self.monitor_queries, generator=g)).cpu().numpy()
             metrics.oracle = float(np.mean(self.monitor(codes)))
             metrics.oracle_queries = self.monitor_queries
         return metrics
@@ -137,7 +141,7 @@ class FineTuner:
     def state_dict(self) -> dict:
         return {"trainable": self.policy.trainable.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(), "k_generator": self.k_generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.trainable.load_state_dict(state["trainable"])
@@ -145,3 +149,5 @@ class FineTuner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
+        if "k_generator" in state:  # checkpoints before the shared K stream have none
+            self.k_generator.set_state(state["k_generator"])

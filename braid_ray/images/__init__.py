@@ -13,6 +13,6 @@ Core modules (no Ray, no DeepSpeed):
   evaluate    sample grids, score tables, r_hat-vs-oracle curves
   stages      the image pipeline: offline data, reward heads, fine-tuning, evaluation
   settings    validation of the image: and deepspeed: config sections
-``images.dist`` holds the Ray / DeepSpeed adapters (ZeRO training on Ray Train, ZeRO consolidation, Ray Data
-batch inference), like ``braid_ray.dist`` for sequences.
+Their Ray / DeepSpeed adapters live with the sequence ones in ``braid_ray.distributed``: ``images`` (ZeRO
+training on Ray Train), ``zero_export`` (ZeRO consolidation), ``image_data`` (Ray Data batch inference).
 """

@@ -1,7 +1,7 @@
 """Exporting fine-tuned weights: consolidated fp32 safetensors, and LoRA weights stock diffusers loads.
 
 A ZeRO checkpoint is consolidated into one fp32 state dict of the trainable parameters by
-``braid_ray.images.dist.export`` (DeepSpeed's own tool); this module turns such a dict into files.
+``braid_ray.distributed.zero_export`` (DeepSpeed's own tool); this module turns such a dict into files.
 """
 
 from __future__ import annotations

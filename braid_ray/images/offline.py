@@ -1,7 +1,7 @@
 """Offline images: sampling them from the pretrained model, and embedding them with CLIP, batch by batch.
 
 ``SampleBatch`` and ``EmbedBatch`` are callables over column batches (dicts of numpy arrays), the shape
-Ray Data's ``map_batches`` hands to an actor pool (``braid_ray.images.dist.offline``); without Ray the same
+Ray Data's ``map_batches`` hands to an actor pool (``braid_ray.distributed.image_data``); without Ray the same
 callables run in-process. Each loads its model once, in ``__init__``.
 """
 

@@ -1,7 +1,7 @@
 """The image pipeline (``domain: image``): offline images -> reward heads -> fine-tuning (each method) -> evaluation.
 
 As for sequences, every stage records its config and inputs in the run directory and is reused when they
-are unchanged. Stages that need a cluster use the adapters in ``braid_ray.images.dist`` (Ray Data for the
+are unchanged. Stages that need a cluster use the adapters in ``braid_ray.distributed`` (images.py, image_data.py) (Ray Data for the
 offline images, Ray Train + DeepSpeed ZeRO for fine-tuning) unless ``ray.num_workers=0``.
 
 D is a set of images with labels y: sampled from the pretrained model and scored by the oracle head (plus
@@ -87,7 +87,7 @@ def _sampled_table(cfg: Config, run: RunDir) -> pd.DataFrame:
     log.info("data: sampling %d images from %s and embedding them with %s", cfg.image.offline_images,
              cfg.image.model, cfg.image.clip_model)
     if cfg.ray.num_workers > 0:
-        from braid_ray.images.dist.offline import sample_and_embed
+        from braid_ray.distributed.image_data import sample_and_embed
 
         frame = sample_and_embed(cfg, _local_or_uri(run, "data", "batch_inference"))
     else:
@@ -111,7 +111,7 @@ def _user_table(cfg: Config, run: RunDir) -> pd.DataFrame:
         raise ValueError(f"{im.offline_table}: row {bad}: column {im.score_column!r} is not a finite number")
     table = table.assign(id=np.arange(len(table)), y=y)
     if cfg.ray.num_workers > 0:
-        from braid_ray.images.dist.offline import embed_table
+        from braid_ray.distributed.image_data import embed_table
 
         return embed_table(cfg, table, _local_or_uri(run, "data", "batch_inference"))
     return _frame(run_in_process(EmbedBatch(cfg.to_dict(), image_column=im.image_column),
@@ -181,8 +181,8 @@ def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, st
     start = time.perf_counter()
     lora = cfg.image.lora_rank > 0
     if cfg.ray.num_workers > 0:
-        from braid_ray.images.dist.export import consolidated_fp32
-        from braid_ray.images.dist.train import HISTORY, finetune_images_on_ray
+        from braid_ray.distributed.zero_export import consolidated_fp32
+        from braid_ray.distributed.images import HISTORY, finetune_images_on_ray
 
         ckpt = finetune_images_on_ray(cfg, method, reward_bytes, _local_or_uri(run, f"finetune/{method}", "ray"),
                                       f"{method}-seed{cfg.run.seed}")

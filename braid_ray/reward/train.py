@@ -46,28 +46,37 @@ def bootstrap(n: int, seed: int, member: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _oob_mse(net: StackedNet, x_all: torch.Tensor, z_all: torch.Tensor, pad: np.ndarray, mask: np.ndarray,
              chunk: int = 2048) -> list[float]:
-    """Each member's MSE on its own out-of-bag rows, all members in one stacked pass per chunk."""
+    """Each member's MSE on its own out-of-bag rows, all members in one stacked pass per chunk (on x_all's device)."""
     net.eval()
-    total = torch.zeros(pad.shape[0], dtype=torch.float64)
+    device = x_all.device
+    total = torch.zeros(pad.shape[0], dtype=torch.float64, device=device)
     with torch.no_grad():
         for j in range(0, pad.shape[1], chunk):
-            idx = torch.from_numpy(pad[:, j:j + chunk])
+            idx = torch.from_numpy(pad[:, j:j + chunk]).to(device)
             err = (net(x_all[idx]) - z_all[idx]) ** 2
-            total += (err * torch.from_numpy(mask[:, j:j + chunk])).sum(1).double()
-    return (total / torch.from_numpy(mask.sum(1))).tolist()
+            total += (err * torch.from_numpy(mask[:, j:j + chunk]).to(device)).sum(1).double()
+    return (total.cpu() / torch.from_numpy(mask.sum(1))).tolist()
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def train_members(codes: np.ndarray, z: np.ndarray, members: list[int], spec: StackSpec | MLPSpec,
-                  train: TrainSpec, seed: int, progress: bool = True) -> tuple[StackedNet, list[dict]]:
+                  train: TrainSpec, seed: int, progress: bool = True,
+                  device: torch.device | None = None) -> tuple[StackedNet, list[dict]]:
     """Train ``members`` on standardised labels z of ``codes`` (N, L), or of vectors (N, D) for an MLPSpec;
-    each member stops on its own out-of-bag rows.
+    each member stops on its own out-of-bag rows. The rows and the stack live on ``device`` (default: the CPU);
+    resamples and batch orders are drawn on the CPU, so the members do not depend on the device.
 
-    Returns the stacked net holding each member's best (lowest out-of-bag MSE) weights, and per-member metrics.
+    Returns the stacked net (on the CPU) holding each member's best (lowest out-of-bag MSE) weights, and
+    per-member metrics.
     """
     n = len(codes)
-    x_all = member_inputs(spec, codes)
-    z_all = torch.from_numpy(np.asarray(z, dtype=np.float32))
-    net = build_stack(spec, members, seed)
+    device = device or torch.device("cpu")
+    x_all = member_inputs(spec, codes).to(device)
+    z_all = torch.from_numpy(np.asarray(z, dtype=np.float32)).to(device)
+    net = build_stack(spec, members, seed).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     samples = [bootstrap(n, seed, m) for m in members]
     rngs = [np.random.default_rng([seed, m, 1]) for m in members]
@@ -75,7 +84,7 @@ def train_members(codes: np.ndarray, z: np.ndarray, members: list[int], spec: St
     best = [math.inf] * m_count
     best_epoch = [0] * m_count
     active = [True] * m_count
-    best_state = [net.member_state(i) for i in range(m_count)]
+    best_state = [_cpu(net.member_state(i)) for i in range(m_count)]
     stopped = [train.epochs] * m_count
     width = max(oob.size for _, oob in samples)
     oob_pad = np.zeros((m_count, width), dtype=np.int64)
@@ -89,6 +98,7 @@ def train_members(codes: np.ndarray, z: np.ndarray, members: list[int], spec: St
         orders = [rng.permutation(idx) for rng, (idx, _) in zip(rngs, samples)]
         for s in range(steps):
             batch = torch.from_numpy(np.stack([o[s * train.batch_size:(s + 1) * train.batch_size] for o in orders]))
+            batch = batch.to(device)
             pred = net(x_all[batch])  # (M, B)
             loss = ((pred - z_all[batch]) ** 2).mean(dim=1).sum()  # sum of per-member means: no coupling
             opt.zero_grad(set_to_none=True)
@@ -99,7 +109,7 @@ def train_members(codes: np.ndarray, z: np.ndarray, members: list[int], spec: St
             if not active[i]:
                 continue
             if mse[i] < best[i]:
-                best[i], best_epoch[i], best_state[i] = mse[i], epoch, net.member_state(i)
+                best[i], best_epoch[i], best_state[i] = mse[i], epoch, _cpu(net.member_state(i))
             elif epoch - best_epoch[i] >= train.patience:
                 active[i], stopped[i] = False, epoch  # frozen at its best: later epochs never change it
         if progress:

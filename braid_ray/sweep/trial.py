@@ -12,7 +12,6 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +21,7 @@ from braid_ray.config import Config
 from braid_ray.eval import distinct
 from braid_ray.evaluate import sample_codes
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_reward, load_trainer_state, trainer_state_files
+from braid_ray.finetune.loop import Save, drive
 from braid_ray.finetune.trainer import METHODS, FineTuner
 from braid_ray.oracles import Oracle
 from braid_ray.reward.fit import score
@@ -75,24 +75,44 @@ def _train_metrics(m: dict) -> dict[str, float]:
     return {k: float(m[k]) for k in TRAIN_KEYS} | {METRIC: math.nan, "oracle_queries": 0}
 
 
+class _TrialSink:
+    """Every in-trial step but the last to the trial's reporter (the final report carries the last), with the
+    checkpoint files on checkpoint steps."""
+
+    def __init__(self, reporter: TrialReporter, steps: int):
+        self.reporter, self.steps = reporter, steps
+
+    def report(self, metrics: dict[str, float], save: Save | None) -> None:
+        if int(metrics["step"]) >= self.steps:
+            return
+        files = None
+        if save is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                save(Path(tmp))
+                files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+        self.reporter.report(_train_metrics(metrics), files)
+
+    def close(self) -> None:
+        pass
+
+
 def _train_in_trial(tuner: FineTuner, cfg: Config, reporter: TrialReporter, files: dict[str, bytes] | None
                     ) -> list[dict]:
-    """The fine-tuning loop from checkpoint ``files`` (if any), reporting every step but the last (which the
-    final report carries)."""
+    """The fine-tuning loop from checkpoint ``files`` (if any), reporting every step."""
     history: list[dict] = []
     if files is not None:  # resumed after an interruption
         with tempfile.TemporaryDirectory() as tmp:
             for name, blob in files.items():
                 Path(tmp, name).write_bytes(blob)
             history = load_trainer_state(tuner, Path(tmp))
+
+    def save(directory: Path) -> None:
+        for name, blob in trainer_state_files(tuner, history).items():
+            (directory / name).write_bytes(blob)
+
     ft = cfg.finetune
-    while tuner.step < ft.steps:
-        history.append(asdict(tuner.train_step()))
-        if tuner.step < ft.steps:
-            checkpoint = tuner.step % ft.checkpoint_every == 0
-            reporter.report(_train_metrics(history[-1]),
-                            trainer_state_files(tuner, history) if checkpoint else None)
-    return history
+    return drive(tuner, ft.steps, sinks=[_TrialSink(reporter, ft.steps)], save=save,
+                 checkpoint_every=ft.checkpoint_every, history=history)
 
 
 def run_trial(cfg: Config, base: Config, budget: int, reporter: TrialReporter,

@@ -8,20 +8,19 @@ gathers them into one StackedNet.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import ray
 import ray.train
-import torch
-from ray.train import Checkpoint, FailureConfig, RunConfig
+from ray.train import Checkpoint
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from braid_ray.config import Config, from_dict
-from braid_ray.dist import cluster
-from braid_ray.dist.train import MAX_FAILURES, fit
+from braid_ray.config import Config
+from braid_ray.distributed import cluster
+from braid_ray.distributed.workers import check_storage, fit, local_dir, run_config, setup_worker
 from braid_ray.reward.fit import RewardData, stack_spec, train_spec
 from braid_ray.reward.stacked import StackedNet
 from braid_ray.reward.train import train_members
@@ -33,40 +32,35 @@ def member_slices(members: int, workers: int) -> list[list[int]]:
 
 
 def _worker(config: dict) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    cfg = from_dict(config["cfg"])
-    torch.set_num_threads(config["threads"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    members = member_slices(cfg.reward.members, world)[rank]
-    codes, z = np.asarray(config["codes"], dtype=np.int8), np.asarray(config["z"], dtype=np.float64)
-    net, metrics = train_members(codes, z, members, stack_spec(cfg.reward, codes.shape[1]),
-                                 train_spec(cfg.reward), cfg.run.seed)
+    w = setup_worker(config)
+    cfg = w.cfg
+    members = member_slices(cfg.reward.members, w.world)[w.rank]
+    codes, z = ray.get(config["rows"])
+    net, metrics = train_members(codes, z, members, stack_spec(cfg.reward, codes.shape[1]), train_spec(cfg.reward),
+                                 cfg.run.seed, progress=w.rank == 0, device=w.device)
     with tempfile.TemporaryDirectory() as tmp:
         for i, member in enumerate(members):
             save_file(net.member_state(i), f"{tmp}/member_{member:04d}.safetensors")
-        Path(f"{tmp}/metrics_rank{rank}.json").write_text(json.dumps(metrics))
+        Path(f"{tmp}/metrics_rank{w.rank}.json").write_text(json.dumps(metrics))
         ray.train.report({"members": len(members)}, checkpoint=Checkpoint.from_directory(tmp))
 
 
 def train_ensemble(cfg: Config, data: RewardData, storage_path: str, name: str) -> tuple[StackedNet, list[dict]]:
-    """Train all M members on Ray Train (min(ray.num_workers, M) workers) and gather them on the driver."""
-    cluster.init(cfg.ray)
+    """Train all M members on Ray Train (min(ray.num_workers, M) workers, each on its own device: a GPU per
+    worker with ``ray.use_gpu``) and gather them on the driver."""
+    cluster.init(cfg.ray, cfg.tracking.ray_logs)
+    check_storage(cfg.ray, storage_path)
     workers = min(cfg.ray.num_workers, cfg.reward.members)
+    rows = ray.put((np.asarray(data.codes), np.asarray(data.z, dtype=np.float64)))  # the object store, not the config
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray),
-                           "codes": data.codes, "z": data.z},
-        scaling_config=cluster.scaling(cfg.ray, workers),
-        run_config=RunConfig(name=name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=MAX_FAILURES)),
-    )
+        train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray), "rows": rows},
+        scaling_config=cluster.scaling(cfg.ray, workers), run_config=run_config(name, storage_path))
     result = fit(trainer, "reward ensemble", storage_path, name)
-    with result.checkpoint.as_directory() as d:
-        files = sorted(Path(d).glob("member_*.safetensors"))
+    with local_dir(result.checkpoint) as d:
+        files = sorted(d.glob("member_*.safetensors"))
         states = [load_file(f) for f in files]
-        metrics = [m for f in sorted(Path(d).glob("metrics_rank*.json")) for m in json.loads(f.read_text())]
+        metrics = [m for f in sorted(d.glob("metrics_rank*.json")) for m in json.loads(f.read_text())]
     ids = [int(f.stem.split("_")[1]) for f in files]
     if ids != list(range(cfg.reward.members)):
         raise RuntimeError(f"reward checkpoint {result.checkpoint.path} holds members {ids}, "

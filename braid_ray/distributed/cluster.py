@@ -31,8 +31,12 @@ def worker_env() -> dict[str, str]:
     return {k: v for k, v in WORKER_ENV.items() if k not in taken}
 
 
-def init(cfg: RayConfig) -> None:
-    """Join ``cfg.address`` or the job's cluster (RAY_ADDRESS, set by `ray job submit`), else start a local Ray."""
+def init(cfg: RayConfig, ray_logs: bool = False) -> None:
+    """Join ``cfg.address`` or the job's cluster (RAY_ADDRESS, set by `ray job submit`), else start a local Ray.
+
+    Ray's own INFO lines on the driver are hidden unless ``ray_logs`` (``tracking.ray_logs``); the workers'
+    braid_ray lines (rank 0's progress) still reach the console."""
+    logging.getLogger("ray").setLevel(logging.INFO if ray_logs else logging.WARNING)
     if ray.is_initialized():
         return
     for key, value in WORKER_ENV.items():

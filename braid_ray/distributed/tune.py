@@ -127,7 +127,7 @@ def sweep_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     cfg = trial_config(setup["base"], params)
     remote = None
     if cfg.ray.num_workers > 0:
-        from braid_ray.dist.train import finetune_on_ray
+        from braid_ray.distributed.train import finetune_on_ray
         from braid_ray.finetune.run import read_checkpoint
 
         name = tune.get_context().get_trial_id()  # the same name on resume: the Train run resumes too
@@ -230,7 +230,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     """Train the upstream models once, run (or resume) every trial on Ray Tune, write and return the results."""
     import ray
 
-    from braid_ray.dist import cluster
+    from braid_ray.distributed import cluster
 
     start = time.perf_counter()
     uri = sweep_uri(sweep)

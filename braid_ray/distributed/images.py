@@ -23,7 +23,7 @@ from ray.train import Checkpoint, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from braid_ray.config import Config, from_dict
-from braid_ray.dist import cluster
+from braid_ray.distributed import cluster
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from braid_ray.config import Config
-from braid_ray.dist import cluster
+from braid_ray.distributed import cluster
 from braid_ray.images.offline import EmbedBatch, SampleBatch, offline_requests
 
 

@@ -1,0 +1,178 @@
+"""The one fine-tuning driver: resume -> step -> sync -> report -> checkpoint -> history.
+
+Every place a fine-tuner runs uses it: in this process, as a rank of a Ray Train run, inside a Tune trial, and
+for Stable Diffusion under DeepSpeed (whose engine the ImageFineTuner's ``train_step`` owns). What differs
+between those places is passed in: ``sync`` (the cross-rank mean of the step's metrics, and whether any rank
+hit a non-finite loss), ``save`` (this rank's checkpoint files) and the ``sinks`` that receive every step's
+metrics (progress lines, Ray Train's or Tune's report, TensorBoard, MLflow).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Writes this rank's files of a resumable checkpoint into a directory.
+Save = Callable[[Path], None]
+# (this rank's metrics, this rank's error or None) -> (metrics averaged over ranks, why every rank must stop or None)
+Sync = Callable[[dict[str, float], "str | None"], tuple[dict[str, float], "str | None"]]
+
+
+class Sink(Protocol):
+    """Receives every step's (rank-averaged) metrics; ``save`` is given on checkpoint steps only."""
+
+    def report(self, metrics: dict[str, float], save: Save | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Steppable(Protocol):
+    step: int
+    batch_size: int
+    grad_accum: int
+    device: torch.device
+
+    def train_step(self): ...
+
+
+class NonFiniteStop(FloatingPointError):
+    """A non-finite loss or gradient on some rank: every rank stops at the same step, the last good checkpoint
+    is kept, and the run is not retried (it would recur from the same checkpoint)."""
+
+
+def local_sync(values: dict[str, float], error: str | None) -> tuple[dict[str, float], str | None]:
+    return values, error
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA memory allocated on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def drive(tuner: Steppable, steps: int, *, sinks: list[Sink], save: Save | None = None, checkpoint_every: int = 0,
+          sync: Sync = local_sync, history: list[dict] | None = None, world_size: int = 1) -> list[dict]:
+    """Train ``tuner`` from its current step to ``steps``; returns the per-step history (extended in place).
+
+    Every step's metrics (the tuner's, plus ``step_seconds``, ``samples_per_second`` over all ranks and
+    ``peak_memory_mb`` of this rank) go through ``sync`` and then to every sink; every ``checkpoint_every``
+    steps and at the last step the sinks also get ``save``. Raises NonFiniteStop when any rank's step
+    was not finite.
+    """
+    history = [] if history is None else history
+    samples = tuner.batch_size * tuner.grad_accum * world_size
+    while tuner.step < steps:
+        start = time.perf_counter()
+        try:
+            values, error = {k: float(v) for k, v in asdict(tuner.train_step()).items()}, None
+        except FloatingPointError as e:  # raised before the optimizer step: the weights are still good
+            values, error = {}, str(e)
+        seconds = time.perf_counter() - start
+        values |= {"step_seconds": seconds, "samples_per_second": samples / seconds if seconds > 0 else math.nan,
+                   "peak_memory_mb": peak_memory_mb(tuner.device)}
+        metrics, stop = sync(values, error)
+        if stop is not None:
+            raise NonFiniteStop(stop)
+        history.append(metrics)
+        at_checkpoint = checkpoint_every > 0 and (tuner.step % checkpoint_every == 0 or tuner.step == steps)
+        for sink in sinks:
+            sink.report(metrics, save if at_checkpoint else None)
+    for sink in sinks:
+        sink.close()
+    return history
+
+
+class ProgressSink:
+    """The user's view of a fine-tuning run: a progress bar on a terminal, a line every ``every`` steps
+    otherwise (and always at the last step). Silent on ranks other than 0."""
+
+    def __init__(self, what: str, steps: int, every: int, enabled: bool = True, bar: bool | None = None):
+        self.what, self.steps, self.every, self.enabled = what, steps, max(1, every), enabled
+        self.bar = sys.stderr.isatty() if bar is None else bar
+
+    def report(self, metrics: dict[str, float], save: Save | None) -> None:
+        if not self.enabled:
+            return
+        step = int(metrics["step"])
+        text = (f"{self.what} step {step}/{self.steps}: r_hat {metrics['r_hat']:.4f} g_hat {metrics['g_hat']:.4f} "
+                f"KL {metrics['kl']:.4f} objective {metrics['objective']:.4f} "
+                f"({metrics['step_seconds']:.2f} s/step)")
+        if self.bar:
+            done = int(30 * step / max(self.steps, 1))
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {text}")
+            if step == self.steps:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif step % self.every == 0 or step == self.steps:
+            log.info("%s", text)
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardSink:
+    """Scalars of every step under ``logdir`` (tensorboardX's writer; no TensorFlow needed)."""
+
+    def __init__(self, logdir: str | Path, prefix: str):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as e:  # pragma: no cover - tensorboardX comes with ray[tune]
+            raise ImportError("tracking.tensorboard=true needs tensorboardX (pip install tensorboardX)") from e
+        self.writer, self.prefix = SummaryWriter(str(logdir)), prefix
+
+    def report(self, metrics: dict[str, float], save: Save | None) -> None:
+        step = int(metrics["step"])
+        for key, value in metrics.items():
+            if key != "step" and math.isfinite(value):
+                self.writer.add_scalar(f"{self.prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MLflowSink:
+    """Every step's metrics to an MLflow run (``tracking.mlflow_uri``); mlflow is an optional extra."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str):
+        try:
+            import mlflow
+        except ImportError as e:
+            raise ImportError("tracking.mlflow_uri needs mlflow: pip install 'braid-ray[tracking]'") from e
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_name=run_name)
+
+    def report(self, metrics: dict[str, float], save: Save | None) -> None:
+        self.mlflow.log_metrics({k: v for k, v in metrics.items() if k != "step" and math.isfinite(v)},
+                                step=int(metrics["step"]))
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def tracking_sinks(tracking, run_dir_local: str | None, what: str, stage: str, steps: int, log_every: int,
+                   rank: int = 0) -> list[Sink]:
+    """The sinks ``tracking`` (a TrackingConfig) asks for, on rank 0 only: progress, TensorBoard under
+    ``<run_dir_local>/tensorboard/<stage>``, MLflow. Other ranks get none (their metrics are rank 0's)."""
+    if rank != 0:
+        return []
+    bar = {"auto": None, "bar": True, "lines": False}[tracking.progress]
+    sinks: list[Sink] = [ProgressSink(what, steps, log_every, bar=bar)]
+    if tracking.tensorboard and run_dir_local is not None:
+        sinks.append(TensorBoardSink(Path(run_dir_local) / "tensorboard" / stage, what))
+    if tracking.mlflow_uri:
+        sinks.append(MLflowSink(tracking.mlflow_uri, experiment="braid-ray", run_name=f"{stage}"))
+    return sinks

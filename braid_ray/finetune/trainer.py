@@ -78,7 +78,7 @@ class FineTuner:
     def _k(self) -> int:
         if not self.randomize_k:
             return self.k
-        return int(torch.randint(1, self.k + 1, (1,), generator=self.k_generator))
+        return int(torch.randint(1, self.k + 1, (1,), generator=self.k_generator, device="cpu"))
 
     def sample(self, n: int, k: int) -> Rollout:
         return rollout(self.policy, n, k, self.generator, self.device, self.use_checkpoint)

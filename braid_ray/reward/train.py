@@ -119,6 +119,6 @@ def train_members(codes: np.ndarray, z: np.ndarray, members: list[int], spec: St
             break
     final = type(net).from_members(spec, members, best_state)
     metrics = [{"member": m, "oob_rmse_std_units": math.sqrt(best[i]), "best_epoch": best_epoch[i],
-                "oob_rows": int(samples[i][1].size), "epochs_run": stopped[i]}
+                "oob_rows": int(samples[i][1].size), "epochs_run": stopped[i], "device": str(device)}
                for i, m in enumerate(members)]
     return final.eval(), metrics

@@ -172,7 +172,7 @@ def tracking_sinks(tracking, run_dir_local: str | None, what: str, stage: str, s
     bar = {"auto": None, "bar": True, "lines": False}[tracking.progress]
     sinks: list[Sink] = [ProgressSink(what, steps, log_every, bar=bar)]
     if tracking.tensorboard and run_dir_local is not None:
-        sinks.append(TensorBoardSink(Path(run_dir_local) / "tensorboard" / stage, what))
+        sinks.append(TensorBoardSink(Path(run_dir_local) / "tensorboard" / stage, "train"))
     if tracking.mlflow_uri:
         sinks.append(MLflowSink(tracking.mlflow_uri, experiment="braid-ray", run_name=f"{stage}"))
     return sinks

@@ -55,3 +55,22 @@ def test_member_slices_cover_every_member_once() -> None:
             slices = member_slices(members, workers)
             assert len(slices) == workers and sorted(np.concatenate(slices).tolist()) == list(range(members))
             assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_mlp_members_over_embeddings_train_on_ray_workers_like_in_process(tmp_path: Path, ray_local) -> None:
+    """The image path's reward heads (MLP members over CLIP embeddings) are Ray Train workers too."""
+    from braid_ray.distributed.reward import train_ensemble
+    from braid_ray.reward.fit import mlp_spec, reward_data, train_spec
+    from braid_ray.reward.train import train_members
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", "ray.num_workers=2", "reward.members=3", "reward.epochs=2",
+                             "reward.hidden=8"])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    rd = reward_data(x, x[:, 0] + 0.1 * rng.normal(size=200), 0.1, seed=0)
+    spec = mlp_spec(cfg.reward, 6)
+    net, metrics = train_ensemble(cfg, rd, str(tmp_path / "ray"), "heads", spec)
+    local, _ = train_members(rd.codes, rd.z, [0, 1, 2], spec, train_spec(cfg.reward), cfg.run.seed, progress=False)
+    assert net.members == [0, 1, 2] and [m["member"] for m in metrics] == [0, 1, 2]
+    for key, value in local.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[key], value, atol=1e-5, rtol=1e-4, msg=key)

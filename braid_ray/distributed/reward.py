@@ -22,7 +22,7 @@ from braid_ray.config import Config
 from braid_ray.distributed import cluster
 from braid_ray.distributed.workers import check_storage, fit, local_dir, run_config, setup_worker
 from braid_ray.reward.fit import RewardData, stack_spec, train_spec
-from braid_ray.reward.stacked import StackedNet
+from braid_ray.reward.stacked import STACKS, MLPSpec, StackedMLP, StackedNet, StackSpec, spec_kind
 from braid_ray.reward.train import train_members
 
 
@@ -36,8 +36,8 @@ def _worker(config: dict) -> None:
     cfg = w.cfg
     members = member_slices(cfg.reward.members, w.world)[w.rank]
     codes, z = ray.get(config["rows"])
-    net, metrics = train_members(codes, z, members, stack_spec(cfg.reward, codes.shape[1]), train_spec(cfg.reward),
-                                 cfg.run.seed, progress=w.rank == 0, device=w.device)
+    net, metrics = train_members(codes, z, members, config["spec"], train_spec(cfg.reward), cfg.run.seed,
+                                 progress=w.rank == 0, device=w.device)
     with tempfile.TemporaryDirectory() as tmp:
         for i, member in enumerate(members):
             save_file(net.member_state(i), f"{tmp}/member_{member:04d}.safetensors")
@@ -45,16 +45,20 @@ def _worker(config: dict) -> None:
         ray.train.report({"members": len(members)}, checkpoint=Checkpoint.from_directory(tmp))
 
 
-def train_ensemble(cfg: Config, data: RewardData, storage_path: str, name: str) -> tuple[StackedNet, list[dict]]:
+def train_ensemble(cfg: Config, data: RewardData, storage_path: str, name: str,
+                   spec: StackSpec | MLPSpec | None = None) -> tuple[StackedNet | StackedMLP, list[dict]]:
     """Train all M members on Ray Train (min(ray.num_workers, M) workers, each on its own device: a GPU per
-    worker with ``ray.use_gpu``) and gather them on the driver."""
+    worker with ``ray.use_gpu``) and gather them on the driver. ``spec``: CNN members over the sequences
+    (default) or MLP members over vectors such as image embeddings (``data.codes`` (N, D))."""
+    spec = spec or stack_spec(cfg.reward, data.codes.shape[1])
     cluster.init(cfg.ray, cfg.tracking.ray_logs)
     check_storage(cfg.ray, storage_path)
     workers = min(cfg.ray.num_workers, cfg.reward.members)
     rows = ray.put((np.asarray(data.codes), np.asarray(data.z, dtype=np.float64)))  # the object store, not the config
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray), "rows": rows},
+        train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray), "rows": rows,
+                           "spec": spec},
         scaling_config=cluster.scaling(cfg.ray, workers), run_config=run_config(name, storage_path))
     result = fit(trainer, "reward ensemble", storage_path, name)
     with local_dir(result.checkpoint) as d:
@@ -65,5 +69,5 @@ def train_ensemble(cfg: Config, data: RewardData, storage_path: str, name: str) 
     if ids != list(range(cfg.reward.members)):
         raise RuntimeError(f"reward checkpoint {result.checkpoint.path} holds members {ids}, "
                            f"expected 0..{cfg.reward.members - 1}")
-    spec = stack_spec(cfg.reward, data.codes.shape[1])
-    return StackedNet.from_members(spec, ids, states).eval(), sorted(metrics, key=lambda m: m["member"])
+    net = STACKS[spec_kind(spec)][1].from_members(spec, ids, states)
+    return net.eval(), sorted(metrics, key=lambda m: m["member"])

@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.braid-installed
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo test test-quick venv clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Everything but the multi-process tests marked slow (and the GPU tests, which skip without CUDA anyway).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,6 +19,7 @@ log = logging.getLogger("braid_ray")
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
+    log.setLevel(level)  # explicit: a Ray job's logging config may lower the root logger to WARNING
 
 
 def parse(description: str, argv: list[str] | None = None, default_config: str | None = None) -> Config:

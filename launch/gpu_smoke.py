@@ -3,6 +3,7 @@ over NCCL on Ray Train, and in-process fine-tuning on run.device=cuda, on a tiny
 
     python launch/gpu_smoke.py                      # on a node with >= 1 GPU
     ray job submit --working-dir . -- python launch/gpu_smoke.py run.dir=s3://bucket/smoke
+    python launch/gpu_smoke.py --cpu                # the same checks on the CPU (tests the script itself)
 
 Prints one line per check and exits 1 if any failed. Numbers from a tiny model say nothing about quality.
 """
@@ -32,40 +33,43 @@ def _check(name: str, ok: bool, detail: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     cli.setup_logging()
+    args = list(sys.argv[1:] if argv is None else argv)
+    cpu = "--cpu" in args
+    user = [a for a in args if a != "--cpu"]
     gpus = torch.cuda.device_count()
-    if gpus == 0:
+    if gpus == 0 and not cpu:
         sys.exit("gpu_smoke: torch sees no CUDA device (a CPU-only torch build, or no GPU on this node)")
-    workers = min(gpus, 2)
-    user = argv if argv is not None else sys.argv[1:]
+    kind, workers = ("cpu", 2) if cpu else ("cuda", min(gpus, 2))
     run_dir = next((a.split("=", 1)[1] for a in user if a.startswith("run.dir=")), tempfile.mkdtemp(prefix="braid-gpu-"))
     overrides = [*TINY, *user, f"run.dir={run_dir}"]
-    ok = _check("cuda", True, f"{gpus} GPU(s): {torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
-                f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
+    ok = _check("device", True, f"{gpus} GPU(s){': ' + torch.cuda.get_device_name(0) if gpus else ''}; torch "
+                f"{torch.__version__}" + (f", NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}" if gpus else ""))
 
     start = time.perf_counter()
-    cfg = load_config(None, [*overrides, "ray.use_gpu=true", f"ray.num_workers={workers}",
+    cfg = load_config(None, [*overrides, f"ray.use_gpu={str(not cpu).lower()}", f"ray.num_workers={workers}",
                              f"finetune.batch_size={16 * workers}", f"diffusion.batch_size={256 * workers}"])
     summary = pipeline.run(cfg)
     run = RunDir(cfg.run.dir)
     members = run.stage("reward").read_json("members.json")["members"]
     devices = sorted({m["device"] for m in members})
-    ok &= _check("reward members on GPU workers", all(d.startswith("cuda") for d in devices),
+    ok &= _check(f"reward members on {kind} workers", all(d.startswith(kind) for d in devices),
                  f"{len(members)} members over {workers} workers on {devices}")
     for method in cfg.finetune.methods:
         history = run.stage(f"finetune/{method}").read_parquet("history.parquet")
         finite = bool(history[["objective", "kl", "grad_norm"]].notna().all().all())
-        ok &= _check(f"fine-tune {method} over NCCL", finite and len(history) == cfg.finetune.steps,
-                     f"{len(history)} steps, peak GPU memory {history['peak_memory_mb'].max():.0f} MB (rank 0), "
+        ok &= _check(f"fine-tune {method} over {'gloo' if cpu else 'NCCL'}",
+                     finite and len(history) == cfg.finetune.steps,
+                     f"{len(history)} steps, peak memory {history['peak_memory_mb'].max():.0f} MB (rank 0), "
                      f"{history['step_seconds'].median():.3f} s/step")
     ok &= _check("evaluation", "eval" in summary, "designs scored by the oracle")
     print(summary.get("eval", ""))
 
-    local = load_config(None, [*overrides, f"run.dir={run_dir}/in_process", "ray.num_workers=0", "run.device=cuda",
-                               "finetune.methods=[braid_boot]"])
+    local = load_config(None, [*overrides, f"run.dir={run_dir}/in_process", "ray.num_workers=0",
+                               f"run.device={kind}", "finetune.methods=[braid_boot]"])
     pipeline.run(local, stages=("data", "reward", "pretrain", "finetune"))
     history = RunDir(local.run.dir).stage("finetune/braid_boot").read_parquet("history.parquet")
-    ok &= _check("in-process fine-tuning on run.device=cuda", torch.cuda.max_memory_allocated() > 0,
-                 f"peak GPU memory {history['peak_memory_mb'].max():.0f} MB")
+    ok &= _check(f"in-process fine-tuning on run.device={kind}",
+                 cpu or torch.cuda.max_memory_allocated() > 0, f"peak memory {history['peak_memory_mb'].max():.0f} MB")
     print(f"gpu_smoke: {'all checks passed' if ok else 'FAILED'} in {time.perf_counter() - start:.0f} s "
           f"(run dir {run_dir})")
     sys.exit(0 if ok else 1)

@@ -62,6 +62,7 @@ def _inject(monkeypatch, directory: Path, kind: str, step: int, rank: int) -> No
     monkeypatch.setattr(train, "_finetune_worker", worker)
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_last_checkpoint(upstream: Path, ray_local, tmp_path: Path,
                                                         monkeypatch) -> None:
     reference = _finetune(upstream, tmp_path / "ray", "uninterrupted")

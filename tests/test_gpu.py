@@ -14,9 +14,11 @@ from braid_ray.config import load_config
 from braid_ray.rundir import RunDir
 from tests.test_pipeline import FAST
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.gpu
+@requires_cuda
 def test_sequence_stages_on_gpu_ray_workers(tmp_path: Path, ray_local) -> None:
     workers = min(torch.cuda.device_count(), 2)
     cfg = load_config(None, [*FAST, f"run.dir={tmp_path}", "ray.use_gpu=true", f"ray.num_workers={workers}",
@@ -32,9 +34,29 @@ def test_sequence_stages_on_gpu_ray_workers(tmp_path: Path, ray_local) -> None:
     assert (history["peak_memory_mb"] > 0).all()  # torch.cuda.max_memory_allocated on rank 0
 
 
+@pytest.mark.gpu
+@requires_cuda
 def test_in_process_fine_tuning_on_cuda(tmp_path: Path) -> None:
     cfg = load_config(None, [*FAST, f"run.dir={tmp_path}", "run.device=cuda", "finetune.methods=[strl]"])
     torch.cuda.reset_peak_memory_stats()
     pipeline.run(cfg, stages=("data", "reward", "pretrain", "finetune"))
     history = RunDir(cfg.run.dir).stage("finetune/strl").read_parquet("history.parquet")
     assert len(history) == cfg.finetune.steps and torch.cuda.max_memory_allocated() > 0
+
+
+@pytest.mark.slow
+def test_the_gpu_smoke_script_runs_its_checks_on_the_cpu(tmp_path: Path) -> None:
+    """launch/gpu_smoke.py --cpu: the same checks over gloo, so the script a user runs on a GPU node works."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    args = ["--cpu", f"run.dir={tmp_path}", "diffusion.steps=5", "finetune.k=2", "finetune.steps=2",
+            "reward.epochs=1", "diffusion.epochs=1", "eval.n_samples=16"]
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "gpu_smoke.py"), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    passed = [line for line in out.stdout.splitlines() if line.startswith("PASS")]
+    assert len(passed) == 6 and "gpu_smoke: all checks passed" in out.stdout
+    assert "Reporting training result" not in out.stderr  # Ray's INFO chatter is off by default

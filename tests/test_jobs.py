@@ -83,6 +83,9 @@ def _stop(temp_dir: str) -> None:
             continue
 
 
+pytestmark = pytest.mark.slow  # a `ray start --head` cluster and Jobs API submissions
+
+
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
     if importlib.util.find_spec("aiohttp") is None:

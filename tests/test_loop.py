@@ -102,3 +102,30 @@ def test_tensorboard_logs_appear_for_a_run_when_asked(tmp_path: Path) -> None:
     scalars = read_scalars(tmp_path / "tensorboard" / "finetune" / "strl")
     assert [step for step, _ in scalars["train/objective"]] == [1, 2, 3]
     assert {"train/kl", "train/r_hat", "train/step_seconds", "train/peak_memory_mb"} <= set(scalars)
+
+
+def test_mlflow_sink_logs_every_step_to_the_given_tracking_uri(monkeypatch) -> None:
+    """mlflow is an optional extra: a stand-in module records what the sink sends."""
+    import sys
+    import types
+
+    calls: list[tuple] = []
+    fake = types.SimpleNamespace(
+        set_tracking_uri=lambda uri: calls.append(("uri", uri)),
+        set_experiment=lambda name: calls.append(("experiment", name)),
+        start_run=lambda run_name: calls.append(("start", run_name)),
+        log_metrics=lambda metrics, step: calls.append(("log", step, sorted(metrics))),
+        end_run=lambda: calls.append(("end",)))
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    from braid_ray.config import TrackingConfig
+    from braid_ray.finetune.loop import MLflowSink, tracking_sinks
+
+    sinks = tracking_sinks(TrackingConfig(mlflow_uri="file:///tmp/mlruns", progress="lines"), None, "fine-tune strl",
+                           "finetune/strl", 2, 1)
+    assert [type(s) for s in sinks] == [ProgressSink, MLflowSink]
+    assert tracking_sinks(TrackingConfig(mlflow_uri="x"), None, "w", "s", 2, 1, rank=1) == []  # rank 0 only
+    drive(_tuner(steps=2), 2, sinks=sinks)
+    assert calls[:3] == [("uri", "file:///tmp/mlruns"), ("experiment", "braid-ray"), ("start", "finetune/strl")]
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logged] == [1, 2] and "objective" in logged[0][2] and "step" not in logged[0][2]
+    assert calls[-1] == ("end",)

@@ -9,6 +9,7 @@ pretrained sampler's own histogram (20k samples; two 20k histograms differ by TV
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from braid_ray.diffusion.denoiser import ConvDenoiser
@@ -29,6 +30,7 @@ def _tv(p: torch.Tensor, q: torch.Tensor) -> float:
     return 0.5 * (p - q).abs().sum().item()
 
 
+@pytest.mark.slow
 def test_fine_tuned_sampler_moves_toward_the_tilted_target() -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

@@ -49,20 +49,28 @@ def init(cfg: RayConfig, ray_logs: bool = False) -> None:
     # The dashboard is left on (Ray's default with ray[default]): Ray Train's PlacementGroupCleaner asks the
     # state API, served by the dashboard, whether the controller is alive, and without it logs a warning
     # every 2 s for the whole run and cannot free a dead run's placement group.
+    # Ray's own Python loggers (Train's "Reporting training result ...", resource requests) log at WARNING in
+    # every worker and actor of this job unless asked for; braid_ray's loggers keep INFO (cli.setup_logging,
+    # workers.quiet_logging), so rank 0's progress still reaches the console.
     ray.init(address=address, log_to_driver=os.environ.get("BRAID_RAY_QUIET", "") != "1",
-             runtime_env={"env_vars": worker_env()})
+             runtime_env={"env_vars": worker_env()},
+             logging_config=ray.LoggingConfig(encoding="TEXT", log_level="INFO" if ray_logs else "WARNING"))
     log.info("ray: %s, resources %s", "joined " + address if address else "started a local cluster",
              {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
 
 
-def scaling(cfg: RayConfig, num_workers: int) -> ScalingConfig:
+def scaling(cfg: RayConfig, num_workers: int, one_node: bool = False) -> ScalingConfig:
     """A ScalingConfig for ``num_workers`` workers, checked against the cluster so it fails instead of waiting.
+
+    ``one_node``: all workers on one node (STRICT_PACK), for ZeRO over NVLink (the 8-GPU SD preset); the
+    autoscaler then starts a node type that holds them all instead of spreading them over 1-GPU nodes.
 
     On an autoscaling cluster (BRAID_AUTOSCALING=1, set by cluster/runtime_env.yaml and the KubeRay RayJob) the
     worker nodes may not exist yet, so the check is left to the autoscaler and Ray Train.
     """
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
-    sc = ScalingConfig(num_workers=num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+    sc = ScalingConfig(num_workers=num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                       placement_strategy="STRICT_PACK" if one_node else "PACK")
     if os.environ.get("BRAID_AUTOSCALING", "") == "1":
         log.info("ray: %d workers x %s requested from the autoscaler", num_workers, resources)
         return sc

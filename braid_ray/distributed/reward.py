@@ -59,7 +59,8 @@ def train_ensemble(cfg: Config, data: RewardData, storage_path: str, name: str,
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray), "rows": rows,
                            "spec": spec},
-        scaling_config=cluster.scaling(cfg.ray, workers), run_config=run_config(name, storage_path))
+        scaling_config=cluster.scaling(cfg.ray, workers),
+        run_config=run_config(name, storage_path, ray_logs=cfg.tracking.ray_logs))
     result = fit(trainer, "reward ensemble", storage_path, name)
     with local_dir(result.checkpoint) as d:
         files = sorted(d.glob("member_*.safetensors"))

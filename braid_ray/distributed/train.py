@@ -100,7 +100,8 @@ def pretrain_on_ray(cfg: Config, codes: np.ndarray, storage_path: str, name: str
         _pretrain_worker,
         train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray),
                            "codes": ray.put(np.asarray(codes, dtype=np.int8))},
-        scaling_config=cluster.scaling(cfg.ray, cfg.ray.num_workers), run_config=run_config(name, storage_path))
+        scaling_config=cluster.scaling(cfg.ray, cfg.ray.num_workers),
+        run_config=run_config(name, storage_path, ray_logs=cfg.tracking.ray_logs))
     result = fit(trainer, "pretraining", storage_path, name)
     with local_dir(result.checkpoint) as d:
         state = load_file(str(d / "denoiser.safetensors"))
@@ -172,7 +173,7 @@ def finetune_on_ray(cfg: Config, job: FinetuneJob, storage_path: str, name: str,
         _finetune_worker,
         train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray), "job": vars(job)},
         scaling_config=cluster.scaling(cfg.ray, cfg.ray.num_workers),
-        run_config=run_config(name, storage_path, keep=2, callbacks=callbacks))
+        run_config=run_config(name, storage_path, keep=2, callbacks=callbacks, ray_logs=cfg.tracking.ray_logs))
     result = fit(trainer, f"fine-tune {job.method}", storage_path, name)
     stop = (result.return_value or {}).get("nonfinite")
     if stop:

@@ -31,7 +31,8 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, TrainingFailedError
+from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig,
+                       TrainingFailedError)
 
 from braid_ray.config import Config, RayConfig, from_dict
 from braid_ray.finetune.loop import Save
@@ -60,8 +61,9 @@ def quiet_logging(show_ray: bool) -> None:
         ours.addHandler(handler)
     ours.setLevel(logging.INFO)
     ours.propagate = False
-    if show_ray:
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    # Ray Train sets the worker's root logger to INFO before the train function runs; its per-report lines
+    # log through loggers named after Ray's source files, under the root.
+    logging.getLogger().setLevel(logging.INFO if show_ray else logging.WARNING)
 
 
 def setup_worker(config: dict) -> Worker:
@@ -126,11 +128,14 @@ class RayTrainSink:
         pass
 
 
-def run_config(name: str, storage_path: str, keep: int | None = None, callbacks: list | None = None) -> RunConfig:
+def run_config(name: str, storage_path: str, keep: int | None = None, callbacks: list | None = None,
+               ray_logs: bool = False) -> RunConfig:
     """A named run under ``storage_path`` (so a re-submitted job resumes it), restarted up to MAX_FAILURES times
-    from its last checkpoint, keeping the last ``keep`` checkpoints."""
+    from its last checkpoint, keeping the last ``keep`` checkpoints; Ray Train's own INFO lines only with
+    ``ray_logs`` (``tracking.ray_logs``)."""
     return RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=MAX_FAILURES),
-                     checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks)
+                     checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks,
+                     logging_config=LoggingConfig(log_level="INFO" if ray_logs else "WARNING"))
 
 
 def check_storage(cfg: RayConfig, storage_path: str) -> None:

@@ -1,13 +1,16 @@
-"""Sweep BRAID fine-tuning hyper-parameters on Ray Tune; pick the best configuration on an explicit oracle budget.
+r"""Sweep BRAID fine-tuning hyper-parameters on Ray Tune; pick the best configuration on an explicit oracle budget.
 
     python launch/sweep.py --config configs/sweeps/tfbind8_alpha.yaml
     python launch/sweep.py --config configs/sweeps/tfbind8_alpha.yaml sweep.storage=s3://bucket/sweeps
-    ray job submit --working-dir . -- python launch/sweep.py --config configs/sweeps/tfbind8_alpha.yaml
+    ray job submit --runtime-env cluster/runtime_env.yaml -- \
+        python launch/sweep.py --config configs/sweeps/tfbind8_alpha_cluster.yaml
 
 Overrides: ``sweep.<setting>=value`` changes the sweep's settings, any other ``key=value`` the base config
 (e.g. ``finetune.steps=100``). The reward and pretrained model are trained (or reused) once, then each trial
 fine-tunes one configuration. Re-running the same command resumes an interrupted sweep: finished trials are
 kept, not re-run. Results: <storage>/<name>/results/ (trials.parquet/.csv, seeds.md, heatmap.png, best.yaml).
+Trials at once: as many as the cluster fits at its largest (on an autoscaling cluster, BRAID_AUTOSCALING=1,
+from sweep.cluster_max), or sweep.max_concurrent_trials; sweep.gpus_per_trial=0.25 shares a GPU between trials.
 """
 
 from __future__ import annotations

@@ -78,8 +78,7 @@ BAD = [
     ({"serch": {}}, "unknown top-level key serch (did you mean search?)"),
     ({"overrides": ["finetune.methods=[strl,braid_bonus]"]}, "a sweep trial fine-tunes one method"),
     ({"search": {"finetune.monitor_queries": {"grid": [0, 16]}}}, "finetune.monitor_queries: got 16; a sweep"),
-    ({"overrides": ["ray.num_workers=1"], "sweep": {"asha": {"enabled": True}}},
-     "early stopping needs a report per fine-tuning step"),
+    ({"sweep": {"gpus_per_trial": -0.5}}, "sweep.gpus_per_trial: got -0.5"),
 ]
 
 
@@ -275,18 +274,35 @@ def test_grid_sweep_on_local_ray(tmp_path: Path, upstream: Path, ray_local) -> N
     assert summary["oracle_budget_per_trial"] == budget and summary["pretrained_reference"]["oracle_queries"] == budget
 
 
-def test_a_trial_can_launch_a_torch_trainer(tmp_path: Path, upstream: Path, ray_local) -> None:
-    from braid_ray.distributed.tune import run_sweep
+def test_train_trials_report_every_step_so_asha_stops_them(tmp_path: Path, upstream: Path, ray_local) -> None:
+    from braid_ray.distributed.tune import autoscaler_max_resources, run_sweep
 
-    path = write_sweep(tmp_path / "train.yaml", upstream, {"finetune.alpha": {"grid": [0.1]}},
-                       {"name": "train", "storage": str(tmp_path / "sweeps"), "oracle_budget": 8},
-                       ("ray.num_workers=1", "ray.cpus_per_worker=0.5"))
+    assert autoscaler_max_resources() is None  # a local Ray publishes no autoscaler config
+    budget, steps = 8, 3
+    # One trial at a time, so ASHA's decision is known: the first trial sets the rungs (steps 1 and 2); the
+    # second has the same samples at step 1 but a 5x penalty, so a lower conservative objective, and stops there.
+    path = write_sweep(tmp_path / "train.yaml", upstream, {"finetune.strength": {"grid": [0.0, 5.0]}},
+                       {"name": "train", "storage": str(tmp_path / "sweeps"), "oracle_budget": budget,
+                        "max_concurrent_trials": 1, "asha": {"enabled": True, "grace_period": 1}},
+                       ("ray.num_workers=1", "ray.cpus_per_worker=0.5", f"finetune.steps={steps}"))
     outcome = run_sweep(load_sweep(path))
-    (row,) = outcome.trials.to_dict("records")
-    assert row["status"] == "finished" and row["step"] == 4 and row["oracle_queries"] == 8
-    assert np.isfinite([row["objective"], row["kl"], row["oracle_score"]]).all()
+    first, second = outcome.trials.to_dict("records")
+    assert outcome.summary["trials"] == {"finished": 1, "stopped": 1}
+    assert first["status"] == "finished" and first["step"] == steps and first["oracle_queries"] == budget
+    assert np.isfinite([first["objective"], first["kl"], first["oracle_score"]]).all() and first["device"] == "cpu"
+    assert second["status"] == "stopped" and second["oracle_queries"] == 0
+
+    # Every step of the Train run reached the Tune trial, in the rows in-process trials report; the last step's
+    # row is the final report, with the oracle budget, once.
+    tune_dir = tmp_path / "sweeps" / "train" / "tune"
+    done = pd.read_csv(tune_dir / first["trial_id"] / "progress.csv")
+    assert done["step"].tolist() == [1, 2, 3] and done["oracle_queries"].tolist() == [0, 0, budget]
+    assert done["objective"].notna().all() and done["oracle_score"].isna().tolist() == [True, True, False]
+    stopped = pd.read_csv(tune_dir / second["trial_id"] / "progress.csv")
+    assert stopped["step"].tolist() == [1] and (stopped["oracle_queries"] == 0).all()
+    assert stopped["objective"].iloc[0] < done["objective"].iloc[0]
     # The fine-tuning ran as a Ray Train run named after the trial, with its checkpoints in the sweep's folder.
-    checkpoints = list((tmp_path / "sweeps" / "train" / "train" / row["trial_id"]).glob("checkpoint_*"))
+    checkpoints = list((tmp_path / "sweeps" / "train" / "train" / first["trial_id"]).glob("checkpoint_*"))
     assert any((c / "trainable.safetensors").is_file() for c in checkpoints)
 
 

@@ -6,17 +6,16 @@ trials.parquet / .csv, seeds.csv / .md, heatmap.png, best.yaml, summary.json).
 
 Ray 2.60 runs Train V2, which no longer accepts a trainer inside a Tuner: a trial is a function that either
 fine-tunes in its own process (``ray.num_workers=0``, reporting every step with ``tune.report``) or builds a
-TorchTrainer through ``finetune_on_ray`` and calls ``fit()``. Tune does not count the Train workers' CPUs, so
-the number of concurrent trials is derived here from each trial's whole footprint and the cluster's resources.
-
-Like ``braid_ray.pipeline``, this module imports Ray inside its functions only, so ``braid_ray`` imports
-without Ray.
+TorchTrainer through ``finetune_on_ray`` and calls ``fit()``. The Train workers report every step with
+``ray.train.report``; a ``TuneReportCallback`` on the Train run passes each of those reports on to the Tune
+trial, so ASHA acts on Train trials as on in-process ones. Tune does not count the Train workers' CPUs, so
+the number of concurrent trials is derived from each trial's whole footprint and the cluster's largest size
+(``braid_ray.sweep.resources``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -25,22 +24,29 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
 import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from braid_ray import pipeline
 from braid_ray.config import ConfigError, from_dict
+from braid_ray.distributed import cluster
 from braid_ray.rundir import RunDir, diff_keys, fingerprint
 from braid_ray.sweep.results import (best_config_yaml, best_params, score_map, seed_markdown, seed_table,
                                      trials_frame)
+from braid_ray.sweep.resources import concurrency, trial_device, trial_resources, trial_threads
 from braid_ray.sweep.spec import METRIC, OBJECTIVE, Sweep, trial_config
-from braid_ray.sweep.trial import TRAIN_KEYS, pretrained_reference, run_trial
+from braid_ray.sweep.trial import TRAIN_KEYS, pretrained_reference, run_trial, train_metrics
 
 log = logging.getLogger(__name__)
 
 UPSTREAM = ("data", "oracle", "reward", "pretrain")
-TRIAL_DRIVER_CPUS = 0.1  # a trial that only drives Train workers (Tune rejects 0 CPUs)
+AUTOSCALING_VAR = "BRAID_AUTOSCALING"  # "1" on an autoscaling cluster (set by cluster/aws.yaml, gcp.yaml, kuberay/)
 FINAL_KEYS = (*TRAIN_KEYS, METRIC, "oracle_std", "oracle_max", "oracle_queries", "sample_r_hat", "sample_g_hat",
-              "distinct", "finished_at")
+              "distinct", "device", "finished_at")
 
 
 @dataclass
@@ -60,32 +66,31 @@ def sweep_uri(sweep: Sweep) -> str:
 # Resources
 
 
-def trial_cpus(sweep: Sweep) -> float:
-    if sweep.settings.cpus_per_trial is not None:
-        return sweep.settings.cpus_per_trial
-    return 1.0 if sweep.base.ray.num_workers == 0 else TRIAL_DRIVER_CPUS
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The fully scaled-up cluster's resources as the autoscaler's config gives them, or None where Ray does not
+    publish that config.
+
+    Ray 2.60 has no public API for it (ray-project/ray#49501). Ray Train and Ray Data read it from the GCS with
+    ``ray._private.state.state.get_max_resources_from_cluster_config()``, which is None unless the platform's
+    autoscaler reported its config; the open-source autoscaler does not (ray-project/ray#63012). A private API,
+    so any failure means "unknown" and the sweep file's ``sweep.cluster_max`` decides.
+    """
+    try:
+        from ray._private.state import state
+
+        found = state.get_max_resources_from_cluster_config()
+    except Exception as e:  # noqa: BLE001 - a private API: absent or changed means unknown
+        log.debug("sweep: no maximum cluster resources from Ray (%s)", e)
+        return None
+    return {k: float(v) for k, v in found.items()} if found else None
 
 
-def concurrency(sweep: Sweep, cluster: dict[str, float]) -> int:
-    """How many trials may run at once: the setting, capped by what the cluster fits, counting each trial's own
-    CPUs plus its Train workers' (which Tune does not see). BRAID_AUTOSCALING=1 lifts the cap."""
-    r = sweep.base.ray
-    need = {"CPU": trial_cpus(sweep) + (r.num_workers * r.cpus_per_worker if r.num_workers > 0 else 0.0)}
-    if r.use_gpu and r.num_workers > 0:
-        need["GPU"] = float(r.num_workers)
-    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items())
-    autoscaling = os.environ.get("BRAID_AUTOSCALING", "") == "1"
-    if fits < 1 and not autoscaling:
-        raise ValueError(f"sweep: one trial needs {need} (sweep.cpus_per_trial, plus ray.num_workers x "
-                         f"ray.cpus_per_worker), the cluster has {cluster}; lower them")
-    wanted = sweep.settings.max_concurrent_trials
-    if wanted is None:
-        return max(fits, 1)
-    if wanted > fits and not autoscaling:
-        log.warning("sweep.max_concurrent_trials=%d: the cluster fits %d trials of %s at once; running %d",
-                    wanted, fits, need, fits)
-        return fits
-    return wanted
+def max_concurrent_trials(sweep: Sweep) -> int:
+    """``resources.concurrency`` on the joined cluster: its current resources, and on an autoscaling cluster its
+    maximum from ``sweep.cluster_max`` or the autoscaler."""
+    autoscaling = os.environ.get(AUTOSCALING_VAR, "") == "1"
+    return concurrency(sweep, ray.cluster_resources(), autoscaler_max_resources() if autoscaling else None,
+                       autoscaling)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -96,8 +101,6 @@ class _TuneReporter:
     """TrialReporter on Ray Tune: ``tune.report`` with the checkpoint files as a Tune Checkpoint."""
 
     def checkpoint_files(self) -> dict[str, bytes] | None:
-        from ray import tune
-
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             return None
@@ -105,8 +108,6 @@ class _TuneReporter:
             return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
 
     def report(self, metrics: dict[str, float], files: dict[str, bytes] | None = None) -> None:
-        from ray import tune
-
         if files is None:
             tune.report(metrics)
             return
@@ -116,11 +117,28 @@ class _TuneReporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def sweep_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One Tune trial. ``params``: the searched dotted keys; ``setup``: the base config dict, the oracle budget,
-    torch threads and the Train storage. Reads nothing else."""
-    from ray import tune
+class StepReports(TuneReportCallback):
+    """Every step a trial's Train run reports (rank 0's, as ``ray.train.report`` keeps it) to the Tune trial, in
+    the rows in-process trials report (``train_metrics``), so that ASHA can stop the trial.
 
+    The last step is left out, as in-process: the trial's final report carries it with the oracle scores, so the
+    budget's report arrives once and is the trial's last. Built inside the trial (a Tune session), it runs in
+    the Train controller."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if int(metrics[0]["step"]) >= self.steps:
+            return
+        # without the checkpoint: a Train run resumes from its own storage, not from the Tune trial's
+        super().after_report(run_context, [train_metrics(metrics[0])], None)
+
+
+def sweep_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial. ``params``: the searched dotted keys; ``setup``: the base config dict (with the trials'
+    run.device), the oracle budget, torch threads and the Train storage. Reads nothing else."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     torch.set_num_threads(setup["threads"])
@@ -128,10 +146,10 @@ def sweep_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     remote = None
     if cfg.ray.num_workers > 0:
         from braid_ray.distributed.train import finetune_on_ray
-        from braid_ray.finetune.run import read_checkpoint
 
         name = tune.get_context().get_trial_id()  # the same name on resume: the Train run resumes too
-        remote = lambda c, job: read_checkpoint(finetune_on_ray(c, job, setup["train_storage"], name))  # noqa: E731
+        callbacks = [StepReports(cfg.finetune.steps)]
+        remote = lambda c, job: finetune_on_ray(c, job, setup["train_storage"], name, callbacks)  # noqa: E731
     run_trial(cfg, from_dict(setup["base"]), setup["budget"], _TuneReporter(), remote)
 
 
@@ -144,8 +162,6 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def param_space(sweep: Sweep) -> dict[str, Any]:
-    from ray import tune
-
     kinds = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
              "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
     return {key: kinds[kind](values) for key, spec in sweep.search.items() for kind, values in spec.items()}
@@ -153,10 +169,11 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
 
 def search_parts(sweep: Sweep, max_concurrent: int) -> tuple[Any, Any]:
     """(search algorithm, scheduler): Optuna optimises the oracle score on the budget; ASHA stops on the
-    conservative objective, never on the oracle."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+    conservative objective, never on the oracle.
 
+    ``max_concurrent`` trials at once is the search algorithm's own limit: TuneConfig(max_concurrent_trials=...)
+    would put Optuna behind the same ConcurrencyLimiter, and is ignored (with a warning) for the variant
+    generator, which must keep its seeded random_state."""
     s = sweep.settings
     if s.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -174,27 +191,27 @@ def search_parts(sweep: Sweep, max_concurrent: int) -> tuple[Any, Any]:
 
 
 def _trainable(sweep: Sweep, uri: str) -> Any:
-    from ray import tune
-
-    threads = max(1, int(trial_cpus(sweep))) if sweep.base.ray.num_workers == 0 else 1
-    setup = {"base": sweep.base.to_dict(), "budget": sweep.settings.oracle_budget, "threads": threads,
+    base = sweep.base.to_dict()
+    if sweep.base.ray.num_workers == 0:
+        base["run"]["device"] = trial_device(sweep)
+    setup = {"base": base, "budget": sweep.settings.oracle_budget, "threads": trial_threads(sweep),
              "train_storage": f"{uri}/train"}
-    return tune.with_resources(tune.with_parameters(sweep_trial, setup=setup), {"cpu": trial_cpus(sweep)})
+    return tune.with_resources(tune.with_parameters(sweep_trial, setup=setup), trial_resources(sweep))
 
 
 def _tuner(sweep: Sweep, uri: str, max_concurrent: int) -> Any:
-    from ray import tune
-
     trainable = _trainable(sweep, uri)
     experiment = f"{uri}/tune"
     if tune.Tuner.can_restore(experiment):
-        log.info("sweep: resuming %s (finished trials are kept, unfinished and errored ones continue)", experiment)
+        log.info("sweep: resuming %s (finished trials are kept, unfinished and errored ones continue; Tune keeps "
+                 "the concurrency the sweep started with)", experiment)
         return tune.Tuner.restore(experiment, trainable, resume_errored=True)
     search, scheduler = search_parts(sweep, max_concurrent)
     return tune.Tuner(
         trainable, param_space=param_space(sweep),
+        # A reused actor would keep an early-stopped trial's Train run going until the next trial's reset fails.
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=sweep.settings.num_samples,
-                                    reuse_actors=True,
+                                    reuse_actors=sweep.base.ray.num_workers == 0,
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name="tune", storage_path=uri, verbose=1,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -228,15 +245,11 @@ def _rows(grid: Any) -> list[dict]:
 
 def run_sweep(sweep: Sweep) -> SweepOutcome:
     """Train the upstream models once, run (or resume) every trial on Ray Tune, write and return the results."""
-    import ray
-
-    from braid_ray.distributed import cluster
-
     start = time.perf_counter()
     uri = sweep_uri(sweep)
     check_record(sweep, uri)
     cluster.init(sweep.base.ray)
-    max_concurrent = concurrency(sweep, ray.cluster_resources())
+    max_concurrent = max_concurrent_trials(sweep)
     size = sweep.grid_size()
     log.info("sweep %s: %s trials of %s, up to %d at once, %d oracle queries each; results in %s", sweep.name,
              size if size is not None else sweep.settings.num_samples, sweep.method, max_concurrent,

@@ -23,8 +23,8 @@ from braid_ray.sweep.spec import METRIC, SEED_KEY, Sweep, set_dotted, trial_conf
 ALPHA, STRENGTH = "finetune.alpha", "finetune.strength"
 # Per-trial result columns, after the searched keys.
 RESULT_COLUMNS = ["status", "step", "objective", "r_hat", "g_hat", "kl", METRIC, "oracle_std", "oracle_max",
-                  "oracle_queries", "sample_r_hat", "sample_g_hat", "distinct", "seconds", "finished_at", "trial_id",
-                  "error"]
+                  "oracle_queries", "sample_r_hat", "sample_g_hat", "distinct", "device", "seconds", "finished_at",
+                  "trial_id", "error"]
 SUMMARY_METRICS = [METRIC, "r_hat", "g_hat", "kl", "objective"]
 
 

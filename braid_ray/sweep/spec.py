@@ -42,9 +42,19 @@ KINDS = {"grid": "list", "choice": "list", "uniform": "range", "loguniform": "ra
 
 @dataclass
 class AshaSettings:
-    enabled: bool = False  # stop trials whose conservative objective lags at a rung (in-trial training only)
+    enabled: bool = False  # stop trials whose conservative objective lags at a rung (every trial reports each step)
     grace_period: int = 10  # optimizer steps every trial runs before it can be stopped
     reduction_factor: float = 2.0  # at each rung, keep the best 1/reduction_factor of the trials
+
+
+@dataclass
+class ClusterMax:
+    """The fully scaled-up cluster, on an autoscaling cluster (BRAID_AUTOSCALING=1), for the number of concurrent
+    trials. Ray 2.60 has no public API for it and its open-source autoscaler does not publish its config, so the
+    sweep file states it; null = ask Ray (used where the platform publishes it). Not used on a fixed cluster."""
+
+    cpus: float | None = None  # CPUs of all nodes at their maximum count (head included)
+    gpus: float | None = None  # GPUs of all nodes at their maximum count
 
 
 @dataclass
@@ -54,8 +64,12 @@ class SweepSettings:
     search_alg: Literal["grid", "random", "optuna"] = "grid"  # optuna needs the optional extra (pip install optuna)
     num_samples: int = 1  # grid: repeats of the grid; random/optuna: configurations drawn (x each grid point)
     oracle_budget: int = 64  # oracle queries per trial, spent on its final samples only
-    max_concurrent_trials: int | None = None  # null = as many as the cluster's CPUs (and GPUs) fit
+    max_concurrent_trials: int | None = None  # null = as many as the cluster's CPUs (and GPUs) fit at its largest
     cpus_per_trial: float | None = None  # CPUs of a trial's process; null = 1 in-trial, 0.1 if it drives Train workers
+    # GPUs of an in-process trial's process (ray.num_workers=0); a fraction (0.25) shares one GPU between trials.
+    # > 0: the trial fine-tunes on cuda; 0: on the CPU. Train workers get theirs from ray.use_gpu instead.
+    gpus_per_trial: float = 0.0
+    cluster_max: ClusterMax = field(default_factory=ClusterMax)
     asha: AshaSettings = field(default_factory=AshaSettings)
 
 
@@ -80,8 +94,10 @@ class Sweep:
     def record(self) -> dict[str, Any]:
         """What identifies the sweep: a resumed run must have the same record."""
         settings = dataclasses.asdict(self.settings)
-        for key in ("max_concurrent_trials", "cpus_per_trial"):  # resources may change between runs
+        for key in ("max_concurrent_trials", "cpus_per_trial", "cluster_max"):  # resources may change between runs
             settings.pop(key)
+        if settings["gpus_per_trial"] == 0:  # recorded only when trials run on a GPU (their checkpoints stay there)
+            settings.pop("gpus_per_trial")
         return {"base": self.base.to_dict(), "search": self.search, "settings": settings}
 
     def grid_size(self) -> int | None:
@@ -130,7 +146,11 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
         set_dotted(tree, key, value)
     cfg = from_dict(tree)
     if cfg.domain != "sequence":
-        raise ConfigError(f"domain: got {cfg.domain!r}; sweeps run the sequence pipeline (domain: sequence)")
+        raise ConfigError(
+            f"domain: got {cfg.domain!r}; sweeps fine-tune sequences only (domain: sequence). The image pipeline has "
+            "no entry point yet that fine-tunes one trial's configuration outside the run directory's "
+            "finetune/<method> stage, reporting every step, and scores exactly sweep.oracle_budget of its images "
+            "with the oracle. Run launch/finetune.py --config <image preset> finetune.alpha=... per configuration")
     if cfg.finetune.monitor_queries > 0:
         raise ConfigError(f"finetune.monitor_queries: got {cfg.finetune.monitor_queries}; a sweep queries the oracle "
                           "only through its explicit budget (sweep.oracle_budget, on each trial's final samples): "
@@ -229,6 +249,11 @@ def _settings(tree: Any, default_name: str) -> SweepSettings:
           "an integer >= 1, or null (as many as the cluster fits)")
     check(s.cpus_per_trial is None or s.cpus_per_trial > 0, "cpus_per_trial",
           "a positive CPU count (fractions are fine), or null")
+    check(s.gpus_per_trial >= 0, "gpus_per_trial", "a GPU count >= 0 (0 = CPU trials; 0.25 = a quarter of a GPU)")
+    check(s.cluster_max.cpus is None or s.cluster_max.cpus > 0, "cluster_max.cpus",
+          "the fully scaled-up cluster's CPU count, or null")
+    check(s.cluster_max.gpus is None or s.cluster_max.gpus >= 0, "cluster_max.gpus",
+          "the fully scaled-up cluster's GPU count (>= 0), or null")
     check(s.asha.grace_period >= 1, "asha.grace_period", "an integer >= 1 (optimizer steps)")
     check(s.asha.reduction_factor > 1, "asha.reduction_factor", "a number > 1")
     if s.search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
@@ -261,6 +286,22 @@ def _merge(tree: dict, extra: dict) -> dict:
     return out
 
 
+def _check_trial_device(base: Config, s: SweepSettings) -> None:
+    """sweep.gpus_per_trial is for in-process trials, and decides their device (see resources.trial_device)."""
+    workers = base.ray.num_workers
+    if s.gpus_per_trial > 0 and workers > 0:
+        raise ConfigError(f"sweep.gpus_per_trial: got {s.gpus_per_trial} with ray.num_workers={workers}; a trial "
+                          "with Ray Train workers only drives them, and the workers get one GPU each from "
+                          "ray.use_gpu=true. Set sweep.gpus_per_trial=0, or ray.num_workers=0 for in-process trials")
+    if s.gpus_per_trial > 0 and base.run.device == "cpu":
+        raise ConfigError(f"sweep.gpus_per_trial: got {s.gpus_per_trial} with run.device=cpu; a trial that reserves "
+                          "a GPU fine-tunes on it. Set run.device=auto (or cuda), or sweep.gpus_per_trial=0")
+    if s.gpus_per_trial == 0 and base.run.device == "cuda" and workers == 0:
+        raise ConfigError("run.device: got 'cuda' with sweep.gpus_per_trial=0; an in-process trial uses a GPU only "
+                          "when Ray reserves one for it. Set sweep.gpus_per_trial (e.g. 0.25 to share a GPU between "
+                          "4 trials), or run.device=auto for CPU trials")
+
+
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
     """Read and validate a sweep file; ``overrides`` are ``sweep.key=value`` settings or config ``key=value``s."""
     path = Path(path)
@@ -288,11 +329,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     base_dict = base.to_dict()
     trial_config(base_dict, {})  # one method per trial
     search = _search_space(tree.get("search"), base_dict, settings.search_alg)
+    _check_trial_device(base, settings)
     if settings.asha.enabled:
-        if base.ray.num_workers > 0:
-            raise ConfigError("sweep.asha: early stopping needs a report per fine-tuning step, which only in-trial "
-                              "training sends (ray.num_workers=0); with Ray Train workers the trial sees the result "
-                              "at the end only. Set ray.num_workers=0 in base.overrides or sweep.asha.enabled=false")
         if "finetune.steps" in search:
             raise ConfigError("sweep.asha: rungs are counted in finetune.steps, which must then be the same for "
                               "every trial; remove finetune.steps from search")

@@ -1,12 +1,14 @@
 """One sweep trial without Ray: fine-tune from the shared upstream models, then spend the oracle budget.
 
-The trial reports the conservative objective after every in-trial step (what early stopping may act on)
-and, once, its final metrics with the oracle scores of ``budget`` final samples (what selection uses).
-The oracle is queried only there, exactly ``budget`` times per trial.
+The trial reports the conservative objective after every step but the last (what early stopping may act on;
+with Ray Train workers those reports come from the Train run, see ``braid_ray.distributed.tune``) and, once,
+its final metrics with the oracle scores of ``budget`` final samples (what selection uses). The oracle is
+queried only there, exactly ``budget`` times per trial.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
@@ -18,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from braid_ray.config import Config
+from braid_ray.devices import resolve_device
 from braid_ray.eval import distinct
 from braid_ray.evaluate import sample_codes
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_reward, load_trainer_state, trainer_state_files
@@ -58,7 +61,8 @@ def spend_budget(tuner: FineTuner, cfg: Config, run_dir: str, method: str, oracl
                  ) -> dict[str, float]:
     """Sample ``budget`` hard designs from the tuner's policy and score them: the oracle's ``budget`` queries,
     and r_hat / g_hat of the same designs (seeded by ``run.seed``)."""
-    codes, _ = sample_codes(tuner.policy, budget, budget, cfg.run.seed)
+    policy = tuner.policy if tuner.device.type == "cpu" else copy.deepcopy(tuner.policy).cpu()
+    codes, _ = sample_codes(policy, budget, budget, cfg.run.seed)  # on the CPU: the same designs on any device
     oracle_scores = oracle.score(codes)
     assert oracle_scores.shape == (budget,)
     penalty = METHODS[method]
@@ -69,9 +73,12 @@ def spend_budget(tuner: FineTuner, cfg: Config, run_dir: str, method: str, oracl
             "distinct": distinct(codes)}
 
 
-def _train_metrics(m: dict) -> dict[str, float]:
-    # The oracle keys are present (NaN, 0 queries) in every report, so the rows line up and a searcher that
-    # optimises the oracle score sees the key; before the budget is spent it has no value.
+def train_metrics(m: dict) -> dict[str, float]:
+    """A step's report: TRAIN_KEYS of the fine-tuner's metrics ``m``, and the oracle keys without a value.
+
+    The oracle keys are present (NaN, 0 queries) in every report, so the rows line up and a searcher that
+    optimises the oracle score sees the key (Tune requires it in every result); before the budget is spent it
+    has no value."""
     return {k: float(m[k]) for k in TRAIN_KEYS} | {METRIC: math.nan, "oracle_queries": 0}
 
 
@@ -90,7 +97,7 @@ class _TrialSink:
             with tempfile.TemporaryDirectory() as tmp:
                 save(Path(tmp))
                 files = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-        self.reporter.report(_train_metrics(metrics), files)
+        self.reporter.report(train_metrics(metrics), files)
 
     def close(self) -> None:
         pass
@@ -119,6 +126,7 @@ def run_trial(cfg: Config, base: Config, budget: int, reporter: TrialReporter,
               remote: RemoteFinetune | None = None) -> dict[str, float]:
     """Fine-tune ``cfg``'s one method on the base run's reward and pretrained model, in this process or with
     ``remote`` (Ray Train), then spend ``budget`` oracle queries on its final samples; returns the final report.
+    In this process it trains on ``run.device`` (a sweep sets ``cuda`` for trials that reserved a GPU).
 
     A trial resumed after it finished (Tune's experiment state can lag behind its trials) reports its recorded
     result again: it neither trains nor queries the oracle twice.
@@ -131,13 +139,15 @@ def run_trial(cfg: Config, base: Config, budget: int, reporter: TrialReporter,
     data, oracle = load_upstream(base)
     method = cfg.finetune.methods[0]
     job = FinetuneJob(RunDir(base.run.dir).uri, method, data.d.length)
-    tuner = build_finetuner(cfg, job, seed=cfg.run.seed)
     if remote is None:
+        tuner = build_finetuner(cfg, job, seed=cfg.run.seed, device=resolve_device(cfg.run.device))
         history = _train_in_trial(tuner, cfg, reporter, files)
     else:
         state, history = remote(cfg, job)
+        tuner = build_finetuner(cfg, job, seed=cfg.run.seed)  # the trained weights, on the CPU
         tuner.policy.trainable.load_state_dict(state)
-    final = _train_metrics(history[-1]) | spend_budget(tuner, cfg, job.run_dir, method, oracle, budget)
+    final = train_metrics(history[-1]) | spend_budget(tuner, cfg, job.run_dir, method, oracle, budget)
+    final["device"] = tuner.device.type if remote is None else ("cuda" if cfg.ray.use_gpu else "cpu")  # of training
     final["finished_at"] = time.time()  # unix time the budget was spent: unchanged when a sweep resumes
     reporter.report(final, trainer_state_files(tuner, history) | {FINAL_FILE: json.dumps(final).encode()})
     return final

@@ -112,6 +112,9 @@ class FinetuneConfig:
     k: int = 20  # differentiable (last) sampler steps
     randomize_k: bool = False  # draw K uniformly from 1..k per batch (AlignProp)
     parameterization: Literal["residual", "shift", "full"] = "shift"  # mu_pre + sigma^2 c | mu_pre + sigma c | a copy
+    # Steps before the last K: "kl" = the policy acts there too and pays its KL (eq. 6, the whole path's KL);
+    # "pretrained" = the correction is off there (those steps are the pretrained policy's, KL exactly 0).
+    early_steps: Literal["kl", "pretrained"] = "kl"
     steps: int = 100  # optimizer steps
     batch_size: int = 32  # samples per optimizer step (global; split over Ray workers)
     grad_accum: int = 1  # micro-batches per optimizer step

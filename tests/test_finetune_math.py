@@ -137,3 +137,60 @@ def test_nan_loss_stops_with_a_clear_error() -> None:
     with pytest.raises(FloatingPointError, match="non-finite loss or gradient"):
         tuner.train_step()
     assert all(torch.equal(before[k], v) for k, v in tuner.policy.trainable.state_dict().items())
+
+
+def _perturbed(parameterization: str, steps: int = 8, active_steps: int | None = None) -> FineTunedPolicy:
+    policy = _policy(parameterization, steps=steps)
+    policy.active_steps = active_steps
+    with torch.no_grad():
+        for p in policy.trainable.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy
+
+
+@pytest.mark.parametrize("parameterization", ["residual", "shift", "full"])
+def test_the_kl_covers_every_step_where_the_policy_acts(parameterization: str) -> None:
+    """A policy that acts on all T steps pays KL on all T: the early steps' KL, recomputed by brute force at
+    the visited x_t, equals what the rollout reports, and early_kl's gradient equals the brute-force one."""
+    from braid_ray.diffusion.sampler import early_kl
+
+    policy = _perturbed(parameterization)
+    roll = rollout(policy, 6, k=3, generator=torch.Generator().manual_seed(1))
+    assert roll.kl_per_step.shape == (8,) and (roll.kl_per_step > 0).all()
+    assert [s.t for s in roll.early] == [8, 7, 6, 5, 4]
+    brute = sum(((m - mp) ** 2).sum((1, 2)) / (2 * sg**2)
+                for m, mp, sg in (policy.means(s.x_t, s.t) for s in roll.early))
+    torch.testing.assert_close(roll.kl_early, brute.detach(), rtol=1e-4, atol=1e-6)
+    paid = early_kl(policy, roll.early)
+    torch.testing.assert_close(paid.detach(), roll.kl_early, rtol=1e-4, atol=1e-6)
+    params = list(policy.trainable.parameters())
+    grads = torch.autograd.grad(paid.mean(), params)
+    expected = torch.autograd.grad(brute.mean(), params)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
+
+
+def test_switched_off_early_steps_are_the_pretrained_policys() -> None:
+    """active_steps=K: steps T..K+1 sample exactly as the pretrained model and pay no KL."""
+    policy = _perturbed("shift", active_steps=3)
+    roll = rollout(policy, 6, k=3, generator=torch.Generator().manual_seed(2))
+    assert roll.early == [] and torch.equal(roll.kl_early, torch.zeros(6))
+    assert (roll.kl_per_step[:5] == 0).all() and (roll.kl_per_step[5:] > 0).all()
+    with torch.no_grad():
+        x = policy.backbone.prior(6, torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(4)
+        for t in range(8, 3, -1):
+            mean, mean_pre, sigma = policy.means(x, t)
+            assert torch.equal(mean, mean_pre)
+            x = mean + sigma * torch.randn(x.shape, generator=g)
+
+
+def test_the_fine_tuner_pays_and_reports_the_whole_paths_kl() -> None:
+    tuner = FineTuner(_perturbed("shift"), _reward, alpha=0.5, k=2, batch_size=16, lr=1e-2, steps=3, seed=0)
+    m = tuner.train_step()
+    assert m.kl_early > 0 and m.kl > m.kl_early  # 6 early steps + 2 differentiable ones
+    # The early KL's gradient reaches the weights: with a zero reward, one step lowers the early KL.
+    zero = FineTuner(_perturbed("shift"), lambda x: (torch.zeros(len(x)), torch.zeros(len(x))), alpha=1.0, k=1,
+                     batch_size=64, lr=1e-2, steps=20, seed=0, lr_schedule="constant")
+    history = zero.train()
+    assert history[-1]["kl_early"] < 0.5 * history[0]["kl_early"]

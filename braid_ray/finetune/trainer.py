@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from braid_ray.diffusion.sampler import FineTunedPolicy, Rollout, rollout
+from braid_ray.diffusion.sampler import FineTunedPolicy, Rollout, early_kl, rollout
 
 # method name -> penalty mode of the ConservativeReward
 METHODS = {"strl": "none", "braid_boot": "min", "braid_bonus": "bonus", "braid_lcb": "lcb"}
@@ -29,7 +29,8 @@ class StepMetrics:
     objective: float  # mean((r_hat - g_hat) / reward_scale) - alpha * mean(KL)
     r_hat: float  # batch mean, label scale
     g_hat: float
-    kl: float  # batch mean of the summed KL over the differentiable steps
+    kl: float  # batch mean of the KL summed over the whole path (every step where the policy acts)
+    kl_early: float  # its part from steps T..K+1 (paid at the detached x_t; 0 where the policy does not act)
     kl_last_step: float  # the t = 1 term alone
     grad_norm: float  # before clipping
     k: int  # differentiable steps this batch
@@ -84,13 +85,27 @@ class FineTuner:
         return rollout(self.policy, n, k, self.generator, self.device, self.use_checkpoint)
 
     def loss(self, roll: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
-        """-(mean((r_hat - g_hat) / scale) - alpha * mean(KL)) and the terms, for one rollout."""
+        """-(mean((r_hat - g_hat) / scale) - alpha * mean(KL of the last K steps)) and the terms, for one rollout.
+
+        The steps before the last K pay their KL through ``pay_early_kl``; the objective reported here counts
+        the whole path's KL."""
         r_hat, g_hat = self.reward_fn(roll.x0)
         objective = ((r_hat - g_hat) / self.reward_scale).mean() - self.alpha * roll.kl.mean()
-        terms = {"objective": objective.item(), "r_hat": r_hat.mean().item(), "g_hat": g_hat.mean().item(),
-                 "kl": roll.kl.mean().item(), "kl_last_step": roll.kl_per_step[-1].item(),
+        kl = roll.kl.detach() + roll.kl_early
+        terms = {"objective": objective.item() - self.alpha * roll.kl_early.mean().item(), "r_hat": r_hat.mean().item(),
+                 "g_hat": g_hat.mean().item(), "kl": kl.mean().item(), "kl_early": roll.kl_early.mean().item(),
+                 "kl_last_step": roll.kl_per_step[-1].item(),
                  "onehot_distance": (roll.x0.detach().abs() - 1).abs().mean().item()}
         return -objective, terms
+
+    def pay_early_kl(self, roll: Rollout, weight: float) -> None:
+        """Backward of ``weight * alpha * mean(KL)`` over the steps before the last K where the policy acts: the
+        KL at the visited x_t (detached), in chunks of K steps, so memory stays flat in T."""
+        if self.alpha == 0 or not roll.early:
+            return
+        chunk = max(1, self.k)
+        for i in range(0, len(roll.early), chunk):
+            (weight * self.alpha * early_kl(self.policy, roll.early[i:i + chunk]).mean()).backward()
 
     def train_step(self) -> StepMetrics:
         self.policy.trainable.train()
@@ -98,8 +113,10 @@ class FineTuner:
         k = self._k()
         totals: dict[str, float] = {}
         for _ in range(self.grad_accum):
-            loss, terms = self.loss(self.sample(self.batch_size, k))
+            roll = self.sample(self.batch_size, k)
+            loss, terms = self.loss(roll)
             (loss / self.grad_accum).backward()
+            self.pay_early_kl(roll, 1 / self.grad_accum)
             for key, v in terms.items():
                 totals[key] = totals.get(key, 0.0) + v / self.grad_accum
         if self.grad_sync is not None:  # data-parallel: average gradients over workers
@@ -136,6 +153,8 @@ class FineTuner:
         self.policy.trainable.eval()
         g = generator or self.generator
         out = [rollout(self.policy, min(batch, n - i), 1, g, self.device, False).x0 for i in range(0, n, batch)]
+        # (without gradients K only splits the same loop in two; steps where the policy does not act stay
+        # pretrained through policy.active_steps)
         return torch.cat(out)
 
     def state_dict(self) -> dict:

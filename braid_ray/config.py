@@ -115,7 +115,11 @@ class FinetuneConfig:
     # Steps before the last K: "kl" = the policy acts there too and pays its KL (eq. 6, the whole path's KL);
     # "pretrained" = the correction is off there (those steps are the pretrained policy's, KL exactly 0).
     early_steps: Literal["kl", "pretrained"] = "kl"
-    steps: int = 100  # optimizer steps
+    steps: int = 100  # optimizer steps at most (the cap of the plateau rule)
+    # Plateau rule: stop once the mean objective of the last plateau_window steps is less than plateau_tol
+    # (z-units) above that of the window before; 0 = off (always run finetune.steps).
+    plateau_window: int = 0
+    plateau_tol: float = 0.005
     batch_size: int = 32  # samples per optimizer step (global; split over Ray workers)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3  # Adam learning rate (cosine decay)
@@ -419,6 +423,7 @@ def validate(cfg: Config) -> None:
     for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "monitor_every"):
         _check(getattr(ft, key) >= 1, f"finetune.{key}", getattr(ft, key), "an integer >= 1")
     _check(ft.monitor_queries >= 0, "finetune.monitor_queries", ft.monitor_queries, "an integer >= 0 (0 = off)")
+    _check(ft.plateau_window >= 0, "finetune.plateau_window", ft.plateau_window, "an integer >= 0 (0 = off)")
     _check(ft.lr > 0, "finetune.lr", ft.lr, "a positive learning rate")
     _check(ft.clip >= 0, "finetune.clip", ft.clip, "a non-negative clipping norm (0 = off)")
     _check(ft.temperature > 0, "finetune.temperature", ft.temperature, "a positive temperature")

@@ -27,7 +27,7 @@ from braid_ray.data.tasks import Task, get_task
 from braid_ray.devices import resolve_device
 from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrain
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, trainer_state_files
-from braid_ray.finetune.loop import Save, drive, tracking_sinks
+from braid_ray.finetune.loop import Save, drive, run_summary, tracking_sinks
 from braid_ray.finetune.trainer import Monitor
 from braid_ray.oracles import Oracle, build_oracle
 from braid_ray.reward.conservative import ConservativeReward
@@ -247,7 +247,8 @@ def finetune_in_process(cfg: Config, job: FinetuneJob, stage: Stage) -> tuple[di
     sinks = tracking_sinks(cfg.tracking, str(run.stage("").local_path()) if run.is_local() else None,
                            f"fine-tune {job.method}", f"finetune/{job.method}", ft.steps, ft.log_every)
     drive(tuner, ft.steps, sinks=[*sinks, StageCheckpointSink(stage)], save=save,
-          checkpoint_every=ft.checkpoint_every, history=history)
+          checkpoint_every=ft.checkpoint_every, history=history,
+          plateau=(ft.plateau_window, ft.plateau_tol))
     return {k: v.detach().cpu() for k, v in tuner.policy.trainable.state_dict().items()}, history
 
 
@@ -269,7 +270,12 @@ def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upst
     stage.write_bytes("trainable.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
     seconds = time.perf_counter() - start
     stage.write_parquet("history.parquet", pd.DataFrame(history))
-    stage.write_json("summary.json", {"method": method, "seconds": seconds, "final": history[-1] if history else {}})
+    c = cfg.finetune
+    outcome = run_summary(history, c.alpha, c.steps, (c.plateau_window, c.plateau_tol))
+    stage.write_json("summary.json", {"method": method, "seconds": seconds, **outcome,
+                                      "final": history[-1] if history else {}})
     stage.write_yaml("config.yaml", cfg.to_dict())
     stage.finish(record)
-    log.info("fine-tune %s: done in %.1f s", method, seconds)
+    log.info("fine-tune %s: done in %.1f s, %d steps (%s); conservative reward gain %+.3f z, alpha * KL %.3f z "
+             "(KL %.1f nats, %.1f of them before the last K)", method, seconds, outcome["steps_run"],
+             outcome["stopped"], outcome["reward_gain_z"], outcome["alpha_kl_z"], outcome["kl"], outcome["kl_early"])

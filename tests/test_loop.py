@@ -129,3 +129,33 @@ def test_mlflow_sink_logs_every_step_to_the_given_tracking_uri(monkeypatch) -> N
     logged = [c for c in calls if c[0] == "log"]
     assert [c[1] for c in logged] == [1, 2] and "objective" in logged[0][2] and "step" not in logged[0][2]
     assert calls[-1] == ("end",)
+
+
+def test_the_plateau_rule_stops_when_the_objective_stops_improving() -> None:
+    from braid_ray.finetune.loop import plateaued
+
+    rising = [{"objective": 0.1 * i} for i in range(20)]
+    flat = rising + [{"objective": 2.0}] * 10
+    assert not plateaued(rising, 5, 0.01) and plateaued(flat, 5, 0.01)
+    assert not plateaued(flat, 0, 0.01)  # off
+    assert not plateaued(flat[:9], 5, 0.01)  # too short to judge
+
+
+def test_a_plateaued_run_stops_early_and_a_resumed_one_does_not_train_again() -> None:
+    tuner = _tuner(steps=200, reward=lambda x: (torch.zeros(len(x)), torch.zeros(len(x))))
+    sink, saved = Recorder(), []
+    history = drive(tuner, 200, sinks=[sink], save=lambda d: saved.append(tuner.step), checkpoint_every=50,
+                    plateau=(3, 0.01))
+    assert 6 <= len(history) < 200 and saved[-1] == len(history)  # the stop step is checkpointed
+    drive(tuner, 200, sinks=[], history=history, plateau=(3, 0.01))
+    assert tuner.step == len(history)
+
+
+def test_the_run_summary_puts_alpha_kl_beside_the_reward_gain() -> None:
+    from braid_ray.finetune.loop import run_summary
+
+    history = [{"objective": 0.0, "kl": 0.0, "kl_early": 0.0},
+               {"objective": 0.9, "kl": 100.0, "kl_early": 60.0}]
+    out = run_summary(history, alpha=1e-3, steps=2, plateau=(1, 0.0))
+    assert out["reward_gain_z"] == pytest.approx(1.0) and out["alpha_kl_z"] == pytest.approx(0.1)
+    assert out["alpha_kl_share"] == pytest.approx(0.1) and out["kl_early"] == 60.0 and out["steps_run"] == 2

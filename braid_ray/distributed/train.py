@@ -151,7 +151,8 @@ def _finetune_worker(config: dict) -> dict:
                            f"fine-tune {job.method}", f"finetune/{job.method}", ft.steps, ft.log_every, rank)
     try:
         drive(tuner, ft.steps, sinks=[*sinks, RayTrainSink()], save=save, checkpoint_every=ft.checkpoint_every,
-              sync=synced(w.device, STEP_KEYS), history=history, world_size=w.world)
+              sync=synced(w.device, STEP_KEYS), history=history, world_size=w.world,
+              plateau=(ft.plateau_window, ft.plateau_tol))
     except NonFiniteStop as e:
         log.error("fine-tune %s: %s", job.method, e)
         return {"nonfinite": str(e)}

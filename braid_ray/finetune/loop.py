@@ -62,9 +62,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def plateaued(history: list[dict], window: int, tol: float) -> bool:
+    """The plateau rule: the mean objective of the last ``window`` steps is less than ``tol`` above that of the
+    ``window`` steps before them (objective in z-units of y; rank-averaged, so every rank agrees). Off when
+    ``window`` is 0. A pure function of the history, so a resumed run decides as the uninterrupted one did."""
+    if window <= 0 or len(history) < 2 * window:
+        return False
+    last = sum(h["objective"] for h in history[-window:]) / window
+    before = sum(h["objective"] for h in history[-2 * window:-window]) / window
+    return last - before < tol
+
+
 def drive(tuner: Steppable, steps: int, *, sinks: list[Sink], save: Save | None = None, checkpoint_every: int = 0,
-          sync: Sync = local_sync, history: list[dict] | None = None, world_size: int = 1) -> list[dict]:
-    """Train ``tuner`` from its current step to ``steps``; returns the per-step history (extended in place).
+          sync: Sync = local_sync, history: list[dict] | None = None, world_size: int = 1,
+          plateau: tuple[int, float] = (0, 0.0)) -> list[dict]:
+    """Train ``tuner`` from its current step until ``steps`` or the plateau rule (``plateau`` = (window, tol));
+    returns the per-step history (extended in place).
 
     Every step's metrics (the tuner's, plus ``step_seconds``, ``samples_per_second`` over all ranks and
     ``peak_memory_mb`` of this rank) go through ``sync`` and then to every sink; every ``checkpoint_every``
@@ -73,7 +86,7 @@ def drive(tuner: Steppable, steps: int, *, sinks: list[Sink], save: Save | None 
     """
     history = [] if history is None else history
     samples = tuner.batch_size * tuner.grad_accum * world_size
-    while tuner.step < steps:
+    while tuner.step < steps and not plateaued(history, *plateau):
         start = time.perf_counter()
         try:
             values, error = {k: float(v) for k, v in asdict(tuner.train_step()).items()}, None
@@ -86,12 +99,35 @@ def drive(tuner: Steppable, steps: int, *, sinks: list[Sink], save: Save | None 
         if stop is not None:
             raise NonFiniteStop(stop)
         history.append(metrics)
-        at_checkpoint = checkpoint_every > 0 and (tuner.step % checkpoint_every == 0 or tuner.step == steps)
+        last = tuner.step == steps or plateaued(history, *plateau)
+        at_checkpoint = checkpoint_every > 0 and (tuner.step % checkpoint_every == 0 or last)
         for sink in sinks:
             sink.report(metrics, save if at_checkpoint else None)
     for sink in sinks:
         sink.close()
     return history
+
+
+def run_summary(history: list[dict], alpha: float, steps: int, plateau: tuple[int, float] = (0, 0.0)) -> dict:
+    """What a finished fine-tuning run says about BRAID's objective: how far the conservative reward moved and
+    what that cost in KL. alpha must bind: ``alpha_kl`` (z-units) beside ``reward_gain`` (z-units; the
+    conservative reward (r_hat - g_hat) / std_y, mean of the last ``window`` steps minus the first step). If
+    alpha_kl is a tiny fraction of the gain, the result reflects the optimiser's step budget, not the
+    regularised optimum."""
+    if not history:
+        return {}
+    window = max(1, min(plateau[0] or 10, len(history)))
+    tail = history[-window:]
+
+    def mean(key: str, rows: list[dict]) -> float:
+        return sum(h[key] for h in rows) / len(rows)
+
+    conservative = [h["objective"] + alpha * h["kl"] for h in history]  # mean((r_hat - g_hat) / std_y)
+    gain = sum(conservative[-window:]) / window - conservative[0]
+    kl = mean("kl", tail)
+    return {"steps_run": len(history), "stopped": "plateau" if plateaued(history, *plateau) else "step cap",
+            "reward_gain_z": gain, "alpha_kl_z": alpha * kl, "kl": kl, "kl_early": mean("kl_early", tail),
+            "alpha_kl_share": alpha * kl / gain if gain > 0 else math.nan, "objective": mean("objective", tail)}
 
 
 class ProgressSink:

@@ -119,7 +119,8 @@ def _train_in_trial(tuner: FineTuner, cfg: Config, reporter: TrialReporter, file
 
     ft = cfg.finetune
     return drive(tuner, ft.steps, sinks=[_TrialSink(reporter, ft.steps)], save=save,
-                 checkpoint_every=ft.checkpoint_every, history=history)
+                 checkpoint_every=ft.checkpoint_every, history=history,
+                 plateau=(ft.plateau_window, ft.plateau_tol))
 
 
 def run_trial(cfg: Config, base: Config, budget: int, reporter: TrialReporter,

@@ -193,7 +193,9 @@ class DeepSpeedConfig:
     set here: they derive from finetune.batch_size (micro-batch per worker), finetune.grad_accum and the
     Ray world size."""
 
-    zero_stage: int = 2  # 2: shard gradients + optimizer state; 3: also the parameters
+    # auto: 1 (optimizer state sharded) with LoRA, 2 (also gradients) for a full UNet; 3 (also the parameters)
+    # only when asked
+    zero_stage: int | Literal["auto"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # training precision of the trainable module
     optimizer: Literal["torch", "deepspeed"] = "torch"  # torch Adam (default), or DeepSpeed's Adam (compiles on CPU)
     offload_optimizer: bool = False  # keep optimizer states in CPU memory (ZeRO-Offload)

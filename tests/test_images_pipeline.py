@@ -12,7 +12,7 @@ import torch
 
 from braid_ray import pipeline
 from braid_ray.images.offline import EmbedBatch, encode_png
-from tests.test_images_sampler import tiny_cfg
+from tests.test_images_sampler import tiny_cfg, tiny_reward_bytes
 
 TINY_RUN = ["ray.num_workers=0", "image.offline_images=24", "image.embed_batch_size=12", "finetune.steps=2",
             "finetune.batch_size=2", "eval.n_samples=8", "eval.batch_size=8", "image.grid_images=4",
@@ -44,12 +44,15 @@ def test_image_pipeline_end_to_end_in_process(tmp_path: Path) -> None:
 
 
 def test_ray_data_actor_pool_embeds_like_the_in_process_path(tmp_path: Path, ray_local) -> None:
+    """Into a URI (the actors write the Parquet files wherever they run, so it is a bucket on clusters), twice:
+    a re-run replaces the files of the first instead of adding duplicate rows."""
     from braid_ray.distributed.image_data import embed_table
 
     cfg = tiny_cfg("image.embed_batch_size=4", "image.embed_actors=1")
     pixels = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     table = pd.DataFrame({"id": np.arange(8), "image": [encode_png(p) for p in pixels], "score": np.arange(8.0)})
-    out = embed_table(cfg, table, str(tmp_path / "emb"))
+    embed_table(cfg, table, f"file://{tmp_path}/emb")
+    out = embed_table(cfg, table, f"file://{tmp_path}/emb")
     written = list((tmp_path / "emb").iterdir())
     assert written and all(p.suffix == ".parquet" for p in written)
     assert out["id"].tolist() == list(range(8)) and out["score"].tolist() == list(np.arange(8.0))
@@ -93,3 +96,45 @@ def test_user_table_of_images_and_scores_becomes_d(tmp_path: Path) -> None:
     bad = tiny_cfg(f"run.dir={tmp_path / 'bad'}", "ray.num_workers=0", table_key)
     with pytest.raises(ValueError, match="no column 'image'"):
         offline_stage(bad, RunDir(bad.run.dir))
+
+
+def test_evaluation_as_ray_tasks_reads_run_dir_and_matches_in_process(tmp_path: Path, ray_local) -> None:
+    """The GPU-cluster evaluation path (one Ray task per method), here on CPU shares: each task reads the reward
+    and the method's weights from run.dir (a URI) and samples what the in-process evaluation samples."""
+    from braid_ray.distributed.image_data import evaluate_on_ray
+    from braid_ray.images.finetune import build_policy
+    from braid_ray.images.stages import evaluate_method, trainable_weights
+    from braid_ray.rundir import RunDir
+    from safetensors.torch import save as save_safetensors
+
+    cfg = tiny_cfg(f"run.dir=file://{tmp_path}/run", "eval.n_samples=4", "eval.batch_size=2", "image.grid_images=3",
+                   "finetune.methods=[strl]")
+    run = RunDir(cfg.run.dir)
+    run.stage("reward").write_bytes("reward.safetensors", tiny_reward_bytes(cfg))
+    weights = trainable_weights(build_policy(cfg, torch.device("cpu")).state_dict(), lora=True)
+    run.stage("finetune/strl").write_bytes("trainable_fp32.safetensors", save_safetensors(weights))
+    on_ray = evaluate_on_ray(cfg, ["pretrained", "strl"])
+    for method, (pixels, scores) in zip(["pretrained", "strl"], on_ray):
+        here_pixels, here = evaluate_method(cfg, method, torch.device("cpu"))
+        assert pixels.shape == here_pixels.shape == (3, 16, 16, 3) and len(scores) == 4
+        assert np.abs(pixels.astype(int) - here_pixels).max() <= 1
+        assert scores["method"].eq(method).all() and scores["prompt"].tolist() == here["prompt"].tolist()
+        np.testing.assert_allclose(scores[["oracle", "r_hat", "g_hat"]], here[["oracle", "r_hat", "g_hat"]], atol=1e-4)
+
+
+def test_a_local_run_dir_on_several_nodes_stops_every_image_stage_that_writes_from_workers(
+        tmp_path: Path, ray_local, monkeypatch) -> None:
+    import ray
+
+    from braid_ray.distributed.image_data import embed_table, evaluate_on_ray, sample_and_embed
+    from braid_ray.distributed.images import finetune_images_on_ray
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])  # as on a 2-node cluster
+    cfg = tiny_cfg(f"run.dir={tmp_path}")
+    table = pd.DataFrame({"id": [0], "image": [encode_png(np.zeros((16, 16, 3), np.uint8))]})
+    for stage in (lambda: sample_and_embed(cfg, str(tmp_path / "data")), lambda: embed_table(cfg, table, str(tmp_path)),
+                  lambda: finetune_images_on_ray(cfg, "strl", b"", str(tmp_path / "ray"), "strl"),
+                  lambda: evaluate_on_ray(cfg, ["pretrained"])):
+        with pytest.raises(ValueError, match="on 2 nodes: .* Set run.dir to a bucket"):
+            stage()
+    assert list(tmp_path.iterdir()) == []  # stopped before anything was written

@@ -34,3 +34,9 @@ def test_an_uneven_global_batch_is_refused_with_the_fix() -> None:
     assert share(32, 4, "finetune.batch_size") == 8
     with pytest.raises(ValueError, match=r"finetune.batch_size=30 does not split evenly over 4 .*ray.num_workers=4"):
         share(30, 4, "finetune.batch_size")
+
+
+def test_a_file_uri_is_a_local_path_too(monkeypatch) -> None:
+    _nodes(monkeypatch, 2)
+    with pytest.raises(ValueError, match="file:///runs/x on 2 nodes"):
+        workers.check_storage(RayConfig(), "file:///runs/x")

@@ -140,7 +140,7 @@ def run_config(name: str, storage_path: str, keep: int | None = None, callbacks:
 
 def check_storage(cfg: RayConfig, storage_path: str) -> None:
     """Stop before training when checkpoints would go to one machine's disk on a cluster of several machines."""
-    if "://" in storage_path or cfg.shared_filesystem:
+    if ("://" in storage_path and not storage_path.startswith("file://")) or cfg.shared_filesystem:
         return
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     autoscaling = os.environ.get("BRAID_AUTOSCALING") == "1"

@@ -7,12 +7,13 @@ Core modules (no Ray, no DeepSpeed):
   aesthetic   CLIP image embedding, the bundled LAION heads (oracle), the image reward module
   heads       the sequence path's conservative reward with MLP members, fitted on (embedding, score) rows
   finetune    the sequence path's FineTuner with the image rollout and reward (and a DeepSpeed engine step)
-  zero        the DeepSpeed config derived from the one config and the world size
+  zero        the DeepSpeed config derived from the one config and the world size (ZeRO stage from what is trained)
   export      consolidated fp32 weights and LoRA weights for stock diffusers
   offline     offline images: sampling and CLIP embedding as batch callables
   evaluate    sample grids, score tables, r_hat-vs-oracle curves
   stages      the image pipeline: offline data, reward heads, fine-tuning, evaluation
   settings    validation of the image: and deepspeed: config sections
 Their Ray / DeepSpeed adapters live with the sequence ones in ``braid_ray.distributed``: ``images`` (ZeRO
-training on Ray Train), ``zero_export`` (ZeRO consolidation), ``image_data`` (Ray Data batch inference).
+training on Ray Train), ``zero_export`` (ZeRO consolidation), ``image_data`` (offline images by Ray Data, evaluation
+as Ray tasks).
 """

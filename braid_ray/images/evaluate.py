@@ -24,10 +24,12 @@ LABELS = {"pretrained": "Pretrained", "strl": "STRL", "braid_boot": "BRAID-Boot"
           "braid_lcb": "BRAID-LCB"}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_and_score(policy: ImagePolicy, reward: ImageReward, prompts: list[str], seed: int, batch: int
                      ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Images (N, H, W, 3) uint8 for ``prompts`` and a frame of their oracle score, r_hat and g_hat."""
+    """Images (N, H, W, 3) uint8 for ``prompts`` and a frame of their oracle score, r_hat and g_hat.
+
+    The noise comes from CPU generators seeded by ``seed``: the same for every method, on any device."""
     pixels, rows = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from peft import LoraConfig
@@ -43,7 +44,8 @@ def build_policy(cfg: Config, device: torch.device) -> ImagePolicy:
     comps = load_components(im.model, im.revision).to(device, DTYPES[im.frozen_dtype])
     backbone = SDBackbone(comps, DDIMSchedule(comps.scheduler, cfg.diffusion.steps, cfg.diffusion.eta), im.resolution)
     if im.lora_rank > 0:
-        return ImagePolicy(backbone, add_lora(comps.unet, im.lora_rank, cfg.run.seed), im.guidance_scale)
+        # .to(device) again: the adapters are new parameters, made after the move
+        return ImagePolicy(backbone, add_lora(comps.unet, im.lora_rank, cfg.run.seed).to(device), im.guidance_scale)
     reference = copy.deepcopy(comps.unet).to(dtype=DTYPES[im.frozen_dtype])
     return ImagePolicy(backbone, comps.unet.requires_grad_(True), im.guidance_scale, reference)
 
@@ -59,22 +61,26 @@ class ImageFineTuner(FineTuner):
     """FineTuner over images: x0 are SD latents, decoded by the VAE, embedded by CLIP, scored by the heads.
 
     Without an engine it trains with the FineTuner's own torch step (one process); ``attach(engine)`` hands
-    backward and the update to a DeepSpeed engine built around the same policy (UNet) and Adam. ``last_oracle`` is the
-    oracle's mean score of the last step's training images: logged for the r_hat-vs-oracle curves, never in
-    the loss.
+    backward and the update to a DeepSpeed engine built around the same policy (UNet) and Adam. ``seed`` is this
+    worker's prompt and noise stream; K comes from ``run.seed`` alone, so every worker unrolls the same number
+    of steps (ZeRO-3 gathers parameters per step: a rank with another K would hang the others). ``all_finite``
+    (data-parallel runs) tells from this rank's flag whether every rank's loss is finite: a collective, so that
+    all ranks skip backward together. The oracle's mean score of each step's training images goes into
+    ``StepMetrics.oracle`` (and ``last_oracle``): for the r_hat-vs-oracle curves, never in the loss.
     """
 
     def __init__(self, policy: ImagePolicy, reward: ImageReward, cfg: Config, seed: int,
-                 device: torch.device | None = None, world_size: int = 1):
+                 device: torch.device | None = None, world_size: int = 1,
+                 all_finite: Callable[[bool], bool] | None = None):
         ft = cfg.finetune
-        self.image_reward, self.prompt_set = reward, cfg.image.prompts
+        self.image_reward, self.prompt_set, self.all_finite = reward, cfg.image.prompts, all_finite
         self._oracle: list[torch.Tensor] = []
         self.last_oracle = math.nan
         self.engine = None
         super().__init__(policy, self._reward, alpha=ft.alpha, k=ft.k, batch_size=micro_batch(cfg, world_size),
-                         lr=ft.lr,
-                         steps=ft.steps, clip=ft.clip, grad_accum=ft.grad_accum, randomize_k=ft.randomize_k,
-                         reward_scale=reward.reward.stats.y_std, seed=seed, device=device)
+                         lr=ft.lr, steps=ft.steps, clip=ft.clip, grad_accum=ft.grad_accum,
+                         randomize_k=ft.randomize_k, reward_scale=reward.reward.stats.y_std, seed=seed,
+                         k_seed=cfg.run.seed, device=device or policy.device)
 
     def _reward(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.image_reward.embedder(self.policy.decode(x0))
@@ -94,23 +100,33 @@ class ImageFineTuner(FineTuner):
         self._oracle = []
         metrics = super().train_step() if self.engine is None else self._engine_step()
         self.last_oracle = float(torch.cat(self._oracle).mean()) if self._oracle else math.nan
+        metrics.oracle = self.last_oracle
         return metrics
 
     def _engine_step(self) -> StepMetrics:
         """One optimizer step through DeepSpeed: backward per micro-batch (the engine reduces and partitions
-        the gradients), ``engine.step()`` after each (it updates at the accumulation boundary only)."""
+        the gradients), ``engine.step()`` after each (it updates at the accumulation boundary only).
+
+        A non-finite loss raises FloatingPointError before backward, on every rank at once (``all_finite``):
+        backward starts the gradient reduction, which a rank that stopped would never join."""
         self.policy.trainable.train()
         k = self._k()
         totals: dict[str, float] = {}
         for _ in range(self.grad_accum):
             loss, terms = self.loss(self.sample(self.batch_size, k))
+            finite = all(math.isfinite(v) for v in (loss.item(), *terms.values()))
+            if not (self.all_finite(finite) if self.all_finite is not None else finite):
+                what = f"non-finite loss ({terms})" if not finite else "non-finite loss on another worker"
+                raise FloatingPointError(f"fine-tuning step {self.step + 1}: {what}; the last good checkpoint is kept")
             for key, v in terms.items():
                 totals[key] = totals.get(key, 0.0) + v / self.grad_accum
-            if not all(math.isfinite(v) for v in totals.values()):
-                raise FloatingPointError(f"fine-tuning step {self.step + 1}: non-finite loss ({totals}); "
-                                         "the last good checkpoint is kept")
             self.engine.backward(loss / self.grad_accum, scale_wrt_gas=False)  # already divided by grad_accum
             self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        # The norm is global (the same on every rank), so every rank stops here alike; fp16 skips an overflowing
+        # step itself (loss scaling). Raised before the step's checkpoint could save the broken weights.
+        if norm is not None and not math.isfinite(float(norm)) and not self.engine.fp16_enabled():
+            raise FloatingPointError(f"fine-tuning step {self.step + 1}: non-finite gradient (norm {float(norm)}); "
+                                     "the last good checkpoint is kept")
         self.step += 1
         return StepMetrics(step=self.step, grad_norm=float(norm) if norm is not None else math.nan, k=k, **totals)

@@ -62,9 +62,9 @@ class SampleBatch:
         self.cfg = from_dict(cfg)
         self.policy = pretrained_policy(self.cfg, torch.device(device))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        g = torch.Generator().manual_seed(int(batch["seed"][0]))
+        g = torch.Generator().manual_seed(int(batch["seed"][0]))  # a CPU generator: the same noise on any device
         roll = image_rollout(self.policy, [str(p) for p in batch["prompt"]], 1, g, use_checkpoint=False, with_kl=False)
         pixels = to_uint8(self.policy.decode(roll.x0))
         return {**batch, "image": np.array([encode_png(p) for p in pixels], dtype=object)}
@@ -79,7 +79,7 @@ class EmbedBatch:
         self.oracle = laion_head(c.image.oracle).to(torch.device(device))
         self.column, self.device = image_column, torch.device(device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = np.stack([decode_image(b, self.embedder.size) for b in batch[self.column]])
         emb = self.embedder(from_uint8(pixels).to(self.device))

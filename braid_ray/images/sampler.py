@@ -225,4 +225,7 @@ def image_rollout(policy: ImagePolicy, prompts: list[str], k: int, generator: to
             x, kl = policy(x, noise, i, text, with_kl)
         kl_total = kl_total + kl
         per_step.append(kl.detach().mean())
-    return ImageRollout(x, kl_total, torch.stack(per_step), prompts=list(prompts))
+    # The steps before the last K pay no KL here (kl_early = 0, no early steps): for SD that would take the
+    # reference UNet on every step and a differentiable pass per step.
+    return ImageRollout(x, kl_total, torch.stack(per_step), kl_early=torch.zeros(n, device=device), early=[],
+                        prompts=list(prompts))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from braid_ray.config import ConfigError
+from braid_ray.images.zero import ZERO_STAGES
 
 if TYPE_CHECKING:
     from braid_ray.config import Config
@@ -24,7 +25,8 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 def validate_image_sections(cfg: Config) -> None:
     ds = cfg.deepspeed
-    _check(ds.zero_stage in (2, 3), "deepspeed.zero_stage", ds.zero_stage, "2 or 3")
+    _check(ds.zero_stage == "auto" or ds.zero_stage in ZERO_STAGES, "deepspeed.zero_stage", ds.zero_stage,
+           "'auto' (1 with LoRA, 2 for a full UNet), 1, 2 or 3")
     _check(ds.bucket_size >= 1, "deepspeed.bucket_size", ds.bucket_size, "a positive number of elements")
     _check(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
            ds.param_persistence_threshold, "a non-negative number of elements")

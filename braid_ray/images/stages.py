@@ -1,8 +1,9 @@
 """The image pipeline (``domain: image``): offline images -> reward heads -> fine-tuning (each method) -> evaluation.
 
 As for sequences, every stage records its config and inputs in the run directory and is reused when they
-are unchanged. Stages that need a cluster use the adapters in ``braid_ray.distributed`` (images.py, image_data.py) (Ray Data for the
-offline images, Ray Train + DeepSpeed ZeRO for fine-tuning) unless ``ray.num_workers=0``.
+are unchanged. Unless ``ray.num_workers=0``, stages use the adapters in ``braid_ray.distributed``: Ray Data for
+the offline images and Ray Train + DeepSpeed ZeRO for fine-tuning, and on a GPU cluster one Ray task per method
+for the evaluation; otherwise they run in this process, on ``run.device``.
 
 D is a set of images with labels y: sampled from the pretrained model and scored by the oracle head (plus
 ``image.label_noise``), or read from ``image.offline_table``. D_off = the rows below the ``data.quantile``
@@ -11,7 +12,6 @@ quantile of y; the reward heads see only D_off, the oracle judges every method's
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -24,7 +24,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from braid_ray.config import Config
+from braid_ray.devices import resolve_device
 from braid_ray.eval.plots import score_distributions
+from braid_ray.finetune.loop import drive, run_summary, tracking_sinks
 from braid_ray.finetune.trainer import METHODS
 from braid_ray.images import evaluate as ev
 from braid_ray.images.export import LORA_WEIGHT_NAME, lora_only, save_lora_for_diffusers, unet_weights
@@ -181,20 +183,13 @@ def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, st
     start = time.perf_counter()
     lora = cfg.image.lora_rank > 0
     if cfg.ray.num_workers > 0:
-        from braid_ray.distributed.zero_export import consolidated_fp32
-        from braid_ray.distributed.images import HISTORY, finetune_images_on_ray
+        from braid_ray.distributed.images import finetune_images_on_ray
 
-        ckpt = finetune_images_on_ray(cfg, method, reward_bytes, _local_or_uri(run, f"finetune/{method}", "ray"),
-                                      f"{method}-seed{cfg.run.seed}")
-        state = consolidated_fp32(ckpt)
-        history = pd.DataFrame(json.loads((ckpt / HISTORY).read_text()))
+        state, rows = finetune_images_on_ray(cfg, method, reward_bytes, _local_or_uri(run, f"finetune/{method}", "ray"),
+                                             f"{method}-seed{cfg.run.seed}")
     else:
-        device = torch.device("cpu")
-        policy = build_policy(cfg, device)
-        tuner = ImageFineTuner(policy, load_image_reward(cfg, reward_bytes, method, device), cfg, seed=cfg.run.seed)
-        rows = []
-        tuner.train(cfg.finetune.steps, lambda m: rows.append({**vars(m), "oracle": tuner.last_oracle}))
-        state, history = policy.state_dict(), pd.DataFrame(rows)
+        state, rows = _finetune_in_process(cfg, run, method, reward_bytes)
+    history = pd.DataFrame(rows)
     weights = trainable_weights(state, lora)
     stage.write_bytes("trainable_fp32.safetensors", save_safetensors({k: v.float().contiguous() for k, v in
                                                                       weights.items()}))
@@ -204,11 +199,31 @@ def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, st
             blob = (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
             run.stage(f"finetune/{method}/lora").write_bytes(LORA_WEIGHT_NAME, blob)
     stage.write_parquet("history.parquet", history)
-    stage.write_json("summary.json", {"method": method, "seconds": time.perf_counter() - start,
+    ft = cfg.finetune
+    outcome = run_summary(rows, ft.alpha, ft.steps, (ft.plateau_window, ft.plateau_tol))
+    seconds = time.perf_counter() - start
+    stage.write_json("summary.json", {"method": method, "seconds": seconds, **outcome,
                                       "final": history.iloc[-1].to_dict() if len(history) else {}})
     stage.write_yaml("config.yaml", cfg.to_dict())
     stage.finish(record)
+    log.info("fine-tune %s: done in %.1f s, %d steps (%s); conservative reward gain %+.3f z, alpha * KL %.3f z "
+             "(KL over the last K steps only)", method, seconds, outcome["steps_run"], outcome["stopped"],
+             outcome["reward_gain_z"], outcome["alpha_kl_z"])
     return history
+
+
+def _finetune_in_process(cfg: Config, run: RunDir, method: str, reward_bytes: bytes
+                         ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The fine-tuning driver in this process, on ``run.device``; returns the policy's weights and the history."""
+    device = resolve_device(cfg.run.device)
+    policy = build_policy(cfg, device)
+    tuner = ImageFineTuner(policy, load_image_reward(cfg, reward_bytes, method, device), cfg, seed=cfg.run.seed,
+                           device=device)
+    ft = cfg.finetune
+    sinks = tracking_sinks(cfg.tracking, str(run.stage("").local_path()) if run.is_local() else None,
+                           f"fine-tune {method}", f"finetune/{method}", ft.steps, ft.log_every)
+    history = drive(tuner, ft.steps, sinks=sinks, plateau=(ft.plateau_window, ft.plateau_tol))
+    return {k: v.detach().cpu() for k, v in policy.state_dict().items()}, history
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,19 +246,37 @@ def _method_policy(cfg: Config, run: RunDir, method: str, device: torch.device):
     return policy.eval()
 
 
-def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Sample eval.n_samples images per method (same prompts and seeds), score them, draw the figures."""
-    stage = run.stage("eval")
-    device = torch.device("cpu")
+def evaluate_method(cfg: Config, method: str, device: torch.device) -> tuple[np.ndarray, pd.DataFrame]:
+    """``eval.n_samples`` images of ``method`` on ``device`` (the same prompts and noise for every method): the
+    first ``image.grid_images`` of them (N, H, W, 3) uint8, and every image's scores. Reads run.dir only, so it
+    runs as well in a Ray task on another node (run.dir a bucket there)."""
+    run = RunDir(cfg.run.dir)
     reward_bytes = run.stage("reward").read_bytes("reward.safetensors")
+    reward = load_image_reward(cfg, reward_bytes, method if method in METHODS else "strl", device)
     prompts = ev.eval_prompts(cfg.image.prompts, cfg.eval.n_samples)
+    pixels, scores = ev.sample_and_score(_method_policy(cfg, run, method, device), reward, prompts,
+                                         cfg.run.seed + 99, cfg.eval.batch_size)
+    return pixels[:cfg.image.grid_images], scores.assign(method=method)
+
+
+def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Sample eval.n_samples images per method (same prompts and seeds), score them, draw the figures.
+
+    On a GPU cluster (``ray.num_workers > 0`` and ``ray.use_gpu``) each method samples in a Ray task with a GPU;
+    otherwise here, on ``run.device``."""
+    stage = run.stage("eval")
+    methods = ["pretrained", *cfg.finetune.methods]
+    if cfg.ray.num_workers > 0 and cfg.ray.use_gpu:
+        from braid_ray.distributed.image_data import evaluate_on_ray
+
+        results = evaluate_on_ray(cfg, methods)
+    else:
+        device = resolve_device(cfg.run.device)
+        results = [evaluate_method(cfg, m, device) for m in methods]
     frames, grids = [], {}
-    for method in ["pretrained", *cfg.finetune.methods]:
-        reward = load_image_reward(cfg, reward_bytes, method if method in METHODS else "strl", device)
-        pixels, scores = ev.sample_and_score(_method_policy(cfg, run, method, device), reward, prompts,
-                                             cfg.run.seed + 99, cfg.eval.batch_size)
-        frames.append(scores.assign(method=method))
-        grids[method] = (pixels[:cfg.image.grid_images], scores["oracle"].to_numpy()[:cfg.image.grid_images])
+    for method, (pixels, scores) in zip(methods, results):
+        frames.append(scores)
+        grids[method] = (pixels, scores["oracle"].to_numpy()[:len(pixels)])
         log.info("eval %s: oracle mean %.4f over %d images", method, scores["oracle"].mean(), len(scores))
     samples = pd.concat(frames, ignore_index=True)
     table = ev.summary_table(samples, summary["best_offline_oracle"])

@@ -113,8 +113,9 @@ class FinetuneConfig:
     randomize_k: bool = False  # draw K uniformly from 1..k per batch (AlignProp)
     parameterization: Literal["residual", "shift", "full"] = "shift"  # mu_pre + sigma^2 c | mu_pre + sigma c | a copy
     # Steps before the last K: "kl" = the policy acts there too and pays its KL (eq. 6, the whole path's KL);
-    # "pretrained" = the correction is off there (those steps are the pretrained policy's, KL exactly 0).
-    early_steps: Literal["kl", "pretrained"] = "kl"
+    # "pretrained" = the correction is off there (those steps are the pretrained policy's, KL exactly 0);
+    # "auto" = kl for sequences, pretrained for images (where paying it takes two more UNet passes per step).
+    early_steps: Literal["auto", "kl", "pretrained"] = "auto"
     steps: int = 100  # optimizer steps at most (the cap of the plateau rule)
     # Plateau rule: stop once the mean objective of the last plateau_window steps is less than plateau_tol
     # (z-units) above that of the window before; 0 = off (always run finetune.steps).

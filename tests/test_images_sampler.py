@@ -59,7 +59,7 @@ def test_kl_is_zero_with_adapters_disabled_and_matches_the_gaussian_kl() -> None
     _perturb_lora(policy.unet)
     with adapters_disabled(policy.unet):  # theta = the pretrained UNet: every step's KL is exactly 0
         roll = image_rollout(policy, PROMPTS, 3, torch.Generator().manual_seed(0))
-    assert roll.kl.abs().max().item() == 0.0 and roll.kl_per_step.shape == (3,)
+    assert roll.kl.abs().max().item() == 0.0 and roll.kl_per_step.shape == (4,)  # every step, t = T..1
     roll = image_rollout(policy, PROMPTS, 3, torch.Generator().manual_seed(0))
     assert (roll.kl > 0).all()
     text = policy.encode_prompts(PROMPTS)
@@ -87,7 +87,8 @@ def test_gradients_flow_only_through_the_last_k_steps() -> None:
     assert {t for t, _, _ in calls} == {int(t) for t in policy.schedule.timesteps}
     assert not any(grad for t, _, grad in calls if t not in late)  # no graph before step T-K
     assert all(grad for t, on, grad in calls if t in late and on)  # the fine-tuned pass of the last K has one
-    assert all(on for t, on, _ in calls if t not in late)  # and no reference pass where no KL is needed
+    # before the last K the UNet does not act (finetune.early_steps: auto): the pretrained model's pass only
+    assert all(not on for t, on, _ in calls if t not in late)
     (roll.x0.square().mean() - roll.kl.mean()).backward()
     lora = [p for n, p in policy.unet.named_parameters() if "lora" in n]
     assert all(p.grad is not None for p in lora) and sum(p.grad.abs().sum() for p in lora) > 0
@@ -133,3 +134,41 @@ def test_full_fine_tuning_trains_the_unet_against_a_frozen_copy() -> None:
     assert history[0]["kl"] == 0.0 and np.isfinite(history[0]["objective"])  # the copy starts identical
     assert any(not torch.equal(before[n], p) for n, p in policy.unet.named_parameters())
     assert all(torch.equal(frozen[n], p) and not p.requires_grad for n, p in policy.reference.named_parameters())
+
+
+def test_the_unet_acts_on_the_last_k_steps_only_so_the_kl_is_the_whole_paths() -> None:
+    """finetune.early_steps for images: before the last K steps the policy is the pretrained model, exactly, at
+    training and at sampling; a rollout's KL then covers every step where the UNet acts."""
+    cfg = tiny_cfg("diffusion.steps=6", "finetune.k=2")
+    policy = build_policy(cfg, torch.device("cpu"))
+    assert policy.active_steps == 2
+    _perturb_lora(policy.unet)
+    text = policy.encode_prompts(PROMPTS)
+    x = torch.randn((2, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in range(6):
+            mean, mean_pre, _ = policy.means(x, i, text)
+            assert torch.equal(mean, mean_pre) == (i < 4), i
+    roll = image_rollout(policy, PROMPTS, 2, torch.Generator().manual_seed(1))
+    assert (roll.kl_per_step[:4] == 0).all() and (roll.kl_per_step[4:] > 0).all() and roll.early == []
+
+
+def test_early_steps_where_the_unet_acts_pay_their_kl() -> None:
+    """early_steps=kl (or a K drawn below finetune.k): the UNet acts before the last K steps and pays KL there,
+    at the detached x_t, equal to the KL recomputed by brute force, with a gradient to the adapters only."""
+    from braid_ray.images.sampler import image_early_kl
+
+    cfg = tiny_cfg("diffusion.steps=5", "finetune.early_steps=kl")
+    policy = build_policy(cfg, torch.device("cpu"))
+    assert policy.active_steps is None
+    _perturb_lora(policy.unet)
+    roll = image_rollout(policy, PROMPTS, 2, torch.Generator().manual_seed(0))
+    assert [s.i for s in roll.early] == [0, 1, 2] and (roll.kl_per_step > 0).all()
+    paid = image_early_kl(policy, roll)
+    brute = sum(((m - mp) ** 2).sum((1, 2, 3)) / (2 * sg**2)
+                for m, mp, sg in (policy.means(s.x_t, s.i, roll.text) for s in roll.early))
+    torch.testing.assert_close(paid.detach(), roll.kl_early, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(paid.detach(), brute.detach(), rtol=1e-4, atol=1e-6)
+    paid.mean().backward()
+    lora = [p for n, p in policy.unet.named_parameters() if "lora" in n]
+    assert sum(p.grad.abs().sum() for p in lora if p.grad is not None) > 0

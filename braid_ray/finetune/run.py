@@ -58,7 +58,7 @@ def build_finetuner(cfg: Config, job: FinetuneJob, seed: int, device: torch.devi
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # the same initial trainable weights on every worker
         policy = FineTunedPolicy(backbone, load_pretrained(cfg, job.run_dir, job.length, device), ft.parameterization,
-                                 active_steps=None if ft.early_steps == "kl" else ft.k)
+                                 active_steps=ft.k if ft.early_steps == "pretrained" else None)
     policy = policy.to(device)
     reward = load_reward(job.run_dir, METHODS[job.method], ft.strength, device)
 

@@ -21,7 +21,8 @@ from braid_ray.finetune.trainer import METHODS, FineTuner, StepMetrics
 from braid_ray.images.aesthetic import ClipEmbedder, ImageReward, laion_head, load_image_encoder
 from braid_ray.images.components import DTYPES, load_components
 from braid_ray.images.prompts import sample_prompts
-from braid_ray.images.sampler import DDIMSchedule, ImagePolicy, ImageRollout, SDBackbone, image_rollout
+from braid_ray.images.sampler import (DDIMSchedule, ImagePolicy, ImageRollout, SDBackbone, image_early_kl,
+                                      image_rollout)
 from braid_ray.images.zero import micro_batch
 from braid_ray.reward.conservative import ConservativeReward
 
@@ -38,6 +39,13 @@ def add_lora(unet: nn.Module, rank: int, seed: int) -> nn.Module:
     return unet
 
 
+def active_steps(cfg: Config) -> int | None:
+    """The steps the fine-tuned UNet acts on: the last finetune.k (``early_steps: auto | pretrained``; the earlier
+    ones are the pretrained model's, KL exactly 0) or all of them (``kl``: the early steps pay their KL, at the
+    cost of a reference and a differentiable UNet pass per step)."""
+    return None if cfg.finetune.early_steps == "kl" else cfg.finetune.k
+
+
 def build_policy(cfg: Config, device: torch.device) -> ImagePolicy:
     """The pretrained SD with LoRA adapters (``image.lora_rank > 0``) or a trainable UNet and its frozen copy."""
     im = cfg.image
@@ -45,9 +53,11 @@ def build_policy(cfg: Config, device: torch.device) -> ImagePolicy:
     backbone = SDBackbone(comps, DDIMSchedule(comps.scheduler, cfg.diffusion.steps, cfg.diffusion.eta), im.resolution)
     if im.lora_rank > 0:
         # .to(device) again: the adapters are new parameters, made after the move
-        return ImagePolicy(backbone, add_lora(comps.unet, im.lora_rank, cfg.run.seed).to(device), im.guidance_scale)
+        return ImagePolicy(backbone, add_lora(comps.unet, im.lora_rank, cfg.run.seed).to(device), im.guidance_scale,
+                           active_steps=active_steps(cfg))
     reference = copy.deepcopy(comps.unet).to(dtype=DTYPES[im.frozen_dtype])
-    return ImagePolicy(backbone, comps.unet.requires_grad_(True), im.guidance_scale, reference)
+    return ImagePolicy(backbone, comps.unet.requires_grad_(True), im.guidance_scale, reference,
+                       active_steps=active_steps(cfg))
 
 
 def load_image_reward(cfg: Config, reward_bytes: bytes, method: str, device: torch.device) -> ImageReward:
@@ -91,6 +101,17 @@ class ImageFineTuner(FineTuner):
     def sample(self, n: int, k: int) -> ImageRollout:
         prompts = sample_prompts(self.prompt_set, n, self.generator)
         return image_rollout(self.policy, prompts, k, self.generator, self.use_checkpoint)
+
+    def loss(self, roll: ImageRollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """The FineTuner's loss plus alpha * KL of the early steps where the UNet acts, in the same graph (one
+        backward, as DeepSpeed's engine wants); each early UNet pass is checkpointed."""
+        loss, terms = super().loss(roll)
+        if self.alpha > 0 and roll.early:
+            loss = loss + self.alpha * image_early_kl(self.policy, roll, self.use_checkpoint).mean()
+        return loss, terms
+
+    def pay_early_kl(self, roll: ImageRollout, weight: float) -> None:
+        """Already in ``loss``."""
 
     def attach(self, engine) -> None:
         """Train through a DeepSpeed engine whose module is ``policy`` (and whose optimizer wraps ours)."""

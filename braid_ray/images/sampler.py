@@ -107,12 +107,15 @@ class ImagePolicy(nn.Module):
     """mu_theta and mu_pre at the same x_t for a text-conditioned UNet with classifier-free guidance.
 
     ``unet`` is trained: with LoRA adapters (then the reference is the same UNet with adapters disabled)
-    or in full (then ``reference`` must be a frozen copy of the pretrained UNet).
+    or in full (then ``reference`` must be a frozen copy of the pretrained UNet). ``active_steps``: None = the
+    fine-tuned UNet acts on every step; K = only on the last K steps, the earlier ones being the pretrained
+    model's (so their KL is exactly zero, at training and at sampling alike).
     """
 
     def __init__(self, backbone: SDBackbone, unet: nn.Module, guidance_scale: float,
-                 reference: nn.Module | None = None):
+                 reference: nn.Module | None = None, active_steps: int | None = None):
         super().__init__()
+        self.active_steps = active_steps
         if reference is None and not has_adapters(unet):
             raise ValueError("ImagePolicy: a UNet without LoRA adapters needs a frozen reference copy")
         self.backbone, self.unet, self.guidance_scale = backbone, unet, guidance_scale
@@ -155,24 +158,40 @@ class ImagePolicy(nn.Module):
         eps_u, eps_c = out.chunk(2)
         return eps_u + self.guidance_scale * (eps_c - eps_u)
 
+    def acts(self, i: int) -> bool:
+        """Whether the fine-tuned UNet acts at step index i (0 = the first, noisiest step)."""
+        return self.active_steps is None or i >= len(self.schedule) - self.active_steps
+
+    def _pretrained_eps(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if self.reference is not None:
+            return self._eps(self.reference, x_t, t, text)
+        with adapters_disabled(self.unet):
+            return self._eps(self.unet, x_t, t, text)
+
     def means(self, x_t: torch.Tensor, i: int, text: torch.Tensor, reference: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """(mu_theta, mu_pre, sigma) of step i at x_t (B, C, h, w); gradients reach x_t through both means."""
         t = self.schedule.timesteps[i].to(x_t.device)
+        if not self.acts(i):
+            mean = self.schedule.mean(i, x_t, self._pretrained_eps(x_t, t, text))
+            return mean, (mean if reference else None), self.schedule.sigma[i]
         mean = self.schedule.mean(i, x_t, self._eps(self.unet, x_t, t, text))
         mean_pre = None
         if reference:
-            if self.reference is not None:
-                eps_pre = self._eps(self.reference, x_t, t, text)
-            else:
-                with adapters_disabled(self.unet):
-                    eps_pre = self._eps(self.unet, x_t, t, text)
-            mean_pre = self.schedule.mean(i, x_t, eps_pre)
+            mean_pre = self.schedule.mean(i, x_t, self._pretrained_eps(x_t, t, text))
         return mean, mean_pre, self.schedule.sigma[i]
 
-    def forward(self, x_t: torch.Tensor, noise: torch.Tensor, i: int, text: torch.Tensor, with_kl: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step: x_{t'} = mu_theta + sigma_t z, and KL_t = ||mu_theta - mu_pre||^2 / (2 sigma_t^2) per sample."""
+    def forward(self, x_t: torch.Tensor, noise: torch.Tensor | None, i: int, text: torch.Tensor, with_kl: bool = True,
+                mean_pre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: x_{t'} = mu_theta + sigma_t z, and KL_t = ||mu_theta - mu_pre||^2 / (2 sigma_t^2) per sample.
+
+        With ``mean_pre`` given (an early step's, computed on the way) only mu_theta is computed and
+        (mu_theta, KL_t) returned. Every UNet pass goes through this module call, which under ZeRO-3 is what
+        gathers the sharded parameters."""
+        if mean_pre is not None:
+            t = self.schedule.timesteps[i].to(x_t.device)
+            mean = self.schedule.mean(i, x_t, self._eps(self.unet, x_t, t, text))
+            return mean, ((mean - mean_pre) ** 2).sum(dim=(1, 2, 3)) / (2 * self.schedule.sigma[i] ** 2)
         mean, mean_pre, sigma = self.means(x_t, i, text, reference=with_kl)
         if mean_pre is None:
             kl = torch.zeros(x_t.shape[0], device=x_t.device)
@@ -194,15 +213,27 @@ class ImagePolicy(nn.Module):
 
 
 @dataclass
+class ImageEarlyStep:
+    """A step before the last K where the fine-tuned UNet acts: where its KL is paid (x_t detached)."""
+
+    i: int
+    x_t: torch.Tensor
+    mean_pre: torch.Tensor
+
+
+@dataclass
 class ImageRollout(Rollout):
     prompts: list[str] = field(default_factory=list)
+    text: torch.Tensor | None = None  # the prompts' [uncond; cond] embeddings, for the early steps' KL
 
 
 def image_rollout(policy: ImagePolicy, prompts: list[str], k: int, generator: torch.Generator,
                   use_checkpoint: bool = True, with_kl: bool = True) -> ImageRollout:
     """Sample latents x_0 for ``prompts``; backpropagate through the last k steps only.
 
-    ``with_kl=False`` skips the reference pass (sampling for evaluation; the KL is then zero).
+    Steps before the last k where the fine-tuned UNet acts (``policy.active_steps``: all of them, or the last
+    finetune.k when K is drawn per batch) keep their x_t and mu_pre, for ``image_early_kl``. ``with_kl=False``
+    skips the reference passes (sampling for evaluation; the KL is then zero).
     """
     steps = len(policy.schedule)
     if not 1 <= k <= steps:
@@ -210,12 +241,21 @@ def image_rollout(policy: ImagePolicy, prompts: list[str], k: int, generator: to
     n, device = len(prompts), policy.device
     text = policy.encode_prompts(prompts)
     x = torch.randn((n, *policy.latent_shape), generator=generator, device=generator.device).to(device)
+    kl_early = torch.zeros(n, device=device)
+    per_step, early = [], []
     with torch.no_grad():
         for i in range(steps - k):
-            mean, _, sigma = policy.means(x, i, text, reference=False)
+            paid = with_kl and policy.acts(i)
+            mean, mean_pre, sigma = policy.means(x, i, text, reference=paid)
+            if paid:
+                kl = ((mean - mean_pre) ** 2).sum(dim=(1, 2, 3)) / (2 * sigma**2)
+                kl_early += kl
+                per_step.append(kl.mean())
+                early.append(ImageEarlyStep(i, x, mean_pre))
+            else:
+                per_step.append(torch.zeros((), device=device))
             x = mean + sigma * torch.randn(x.shape, generator=generator, device=generator.device).to(device)
     kl_total = torch.zeros(n, device=device)
-    per_step = []
     for i in range(steps - k, steps):
         # drawn outside the checkpointed step, so that its recomputation is exact
         noise = torch.randn(x.shape, generator=generator, device=generator.device).to(device)
@@ -225,7 +265,18 @@ def image_rollout(policy: ImagePolicy, prompts: list[str], k: int, generator: to
             x, kl = policy(x, noise, i, text, with_kl)
         kl_total = kl_total + kl
         per_step.append(kl.detach().mean())
-    # The steps before the last K pay no KL here (kl_early = 0, no early steps): for SD that would take the
-    # reference UNet on every step and a differentiable pass per step.
-    return ImageRollout(x, kl_total, torch.stack(per_step), kl_early=torch.zeros(n, device=device), early=[],
-                        prompts=list(prompts))
+    return ImageRollout(x, kl_total, torch.stack(per_step), kl_early=kl_early,
+                        early=early if torch.is_grad_enabled() else [], prompts=list(prompts), text=text)
+
+
+def image_early_kl(policy: ImagePolicy, roll: ImageRollout, use_checkpoint: bool = True) -> torch.Tensor:
+    """The summed KL (B,) of the rollout's early steps, with a graph to the UNet's trainable weights (not through
+    the chain); each step's UNet pass is checkpointed, so only its inputs are kept until backward."""
+    total = torch.zeros(roll.x0.shape[0], device=roll.x0.device)
+    for s in roll.early:
+        if use_checkpoint:
+            _, kl = checkpoint(policy, s.x_t, None, s.i, roll.text, True, s.mean_pre, use_reentrant=False)
+        else:
+            _, kl = policy(s.x_t, None, s.i, roll.text, True, s.mean_pre)
+        total = total + kl
+    return total

@@ -721,10 +721,8 @@ def test_docs_name_every_value_to_fill_in_and_what_was_not_run() -> None:
     assert all((ROOT / m).is_file() for m in mentioned), mentioned
 
 
-def _readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    assert "\n## Run on a cluster\n" in text
-    return text.split("\n## Run on a cluster\n", 1)[1].split("\n## ", 1)[0]
+def _cluster_doc() -> str:
+    return (ROOT / "docs" / "cluster.md").read_text()
 
 
 def _commands(section: str) -> list[str]:
@@ -733,8 +731,8 @@ def _commands(section: str) -> list[str]:
     return [" ".join(line.split()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def test_readme_commands_use_the_cluster_files_and_the_job_config() -> None:
-    commands = _commands(_readme_section())
+def test_documented_commands_use_the_cluster_files_and_the_job_config() -> None:
+    commands = _commands(_cluster_doc())
     job_args = shlex.split(_yaml(CLUSTER / "kuberay" / "rayjob.yaml")["spec"]["entrypoint"])
     ray_overrides = [a for a in job_args if a.startswith("ray.")]
     submits = [c for c in commands if c.startswith("ray job submit")]
@@ -742,7 +740,8 @@ def test_readme_commands_use_the_cluster_files_and_the_job_config() -> None:
     for command in submits:
         assert "--runtime-env cluster/runtime_env.yaml" in command
         assert "-- python launch/finetune.py" in command
-        assert all(o in command.split() for o in ray_overrides), command
+        if "configs/tfbind8.yaml" in command:  # the job the RayJob runs: the same Ray Train footprint
+            assert all(o in command.split() for o in ray_overrides), command
     mentioned = {m for c in commands for m in re.findall(r"(cluster/[\w./-]+\.yaml)", c)}
     assert {"cluster/aws.yaml", "cluster/gcp.yaml", "cluster/kuberay/rayjob.yaml",
             "cluster/kuberay/raycluster.yaml", "cluster/runtime_env.yaml"} <= mentioned

@@ -4,11 +4,20 @@ Methods: Offline (top) = the N best rows of D_off by their measured y, Offline (
 of D_off, Grad. = gradient ascent on r_hat from Offline (top) (design-bench's reference optimiser, no
 diffusion model), Pretrained, and each fine-tuned method. Writes samples.parquet, designs.fasta, metrics.json,
 report.md and the plots to eval/.
+
+Validity per design (``braid_ray.eval.validity``): every design gets its longest homopolymer, composition
+entropy, GC and letter fractions, uATG count, Hamming distance to the nearest row of D and ELBO under the
+pretrained model (``braid_ray.diffusion.likelihood``); a rule whose limits come from D marks it valid or
+hacked, and the table reports each method's score over valid designs and with hacked designs counted as
+failures. Reference rows (uniform random sequences, D's measured top 1%, poly-T) are scored and measured like
+designs, so that a reader can see what each number means.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -17,10 +26,14 @@ from safetensors.torch import load as load_safetensors
 
 from braid_ray.baselines.grad import gradient_ascent
 from braid_ray.config import Config
+from braid_ray.data.tables import Labelled
+from braid_ray.diffusion.likelihood import ELBO_T_SAMPLES, elbo, unsupported
 from braid_ray.diffusion.pretrain import build_backbone
 from braid_ray.diffusion.sampler import FineTunedPolicy, rollout
-from braid_ray.eval import (method_metrics, results_table, samples_frame, score_distributions, to_markdown,
-                            training_curves, write_fasta, write_report)
+from braid_ray.eval import (COLUMNS, ELBO_DATA_ROWS, HOMOPOLYMER_MIN_RUN, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS,
+                            PER_DESIGN, ValidityRule, design_statistics, method_metrics, results_table, samples_frame,
+                            score_distributions, to_markdown, top_rows, training_curves, validity_metrics,
+                            validity_rule, write_fasta, write_report)
 from braid_ray.finetune.run import load_pretrained, load_reward
 from braid_ray.finetune.trainer import METHODS
 from braid_ray.oracles import Oracle
@@ -32,6 +45,11 @@ log = logging.getLogger(__name__)
 
 GRAD = "Grad. (r_hat)"
 LABELS = {"strl": "STRL", "braid_boot": "BRAID-Boot", "braid_bonus": "BRAID-Bonus", "braid_lcb": "BRAID-LCB"}
+REF_RANDOM, REF_TOP, REF_POLY_T = "ref: uniform random", "ref: D top 1%", "ref: poly-T"
+REFERENCE_TOP_FRACTION = 0.01  # the "measured top 1% of D" reference row (eval.reference_top_fraction)
+UATG_TASKS = ("utr_mrl",)  # 5'UTR tasks: the table reports the mean uATG count (computed for every task)
+SCORE_COLUMNS = COLUMNS + ["valid_share", "median_valid", "median_penalized", "above_best_valid"]
+VALIDITY_COLUMNS = ["method", "valid_share", "homopolymer", "entropy", "gc", "nn_distance", "elbo", "uatg"]
 
 
 @torch.no_grad()
@@ -43,8 +61,22 @@ def sample_codes(policy: FineTunedPolicy, n: int, batch: int, seed: int) -> tupl
     return policy.backbone.decode(x0).numpy().astype(np.int8), (x0.abs() - 1).abs().mean((1, 2)).numpy()
 
 
+def reference_designs(d: Labelled, kmer_rows: np.ndarray, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The reference rows: n uniform random sequences; up to n rows (a seeded sample) of D's measured top 1% by
+    y, without the 3-mer reference rows ``kmer_rows`` (their own profile would correlate with itself; all of
+    the top 1% when nothing else is left); and one poly-T design."""
+    top = np.setdiff1d(top_rows(d.y, REFERENCE_TOP_FRACTION), kmer_rows)
+    if top.size == 0:
+        top = top_rows(d.y, REFERENCE_TOP_FRACTION)
+    if top.size > n:
+        top = np.sort(rng.choice(top, size=n, replace=False))
+    return {REF_RANDOM: rng.integers(0, 4, size=(n, d.length)).astype(np.int8), REF_TOP: d.codes[top],
+            REF_POLY_T: np.full((1, d.length), 3, dtype=np.int8)}
+
+
 def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, methods: list[str]) -> pd.DataFrame:
-    """Sample, score and report every method; returns the results table (one row per method)."""
+    """Sample, score and report every method; returns the results table (one row per method, then the
+    reference rows)."""
     stage = run.stage("eval")
     d, s, n = data.d, data.splits, cfg.eval.n_samples
     rng = np.random.default_rng(cfg.run.seed)
@@ -71,28 +103,98 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
         codes[label], extra["onehot_distance"][label] = sample_codes(tuned, n, cfg.eval.batch_size, cfg.run.seed)
         curves[label] = run.stage(f"finetune/{method}").read_parquet("history.parquet")
     scores = {name: oracle.score(c) for name, c in codes.items()}
-    best_offline = float(oracle.score(off_codes).max())  # the best offline design, scored like every design
+    off_scores = oracle.score(off_codes)  # every offline design, scored like every design
+    best_offline, worst_offline = float(off_scores.max()), float(off_scores.min())
     extra["r_hat"], extra["g_hat"] = {}, {}
     for method in methods:
         r, g = score(reward, codes[LABELS[method]], METHODS[method])
         extra["r_hat"][LABELS[method]], extra["g_hat"][LABELS[method]] = r, g
-    metrics = {name: method_metrics(c, scores[name], best_offline, d.codes) for name, c in codes.items()}
+
+    # The 3-mer reference (D's measured top 0.1%) and the reference rows; their own stream, so the designs
+    # above are the same as without them.
+    kmer_rows = top_rows(d.y, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS)
+    ref_rng = np.random.default_rng([cfg.run.seed, 12])
+    references = reference_designs(d, kmer_rows, n, ref_rng)
+    scores.update({name: oracle.score(c) for name, c in references.items()})
+
+    # Validity per design, and the rule from D.
+    started = time.perf_counter()
+    no_elbo = unsupported(backbone)
+    if no_elbo:
+        log.warning("evaluation without the ELBO: %s", no_elbo)
+
+    def elbo_fn(c: np.ndarray) -> np.ndarray:
+        return elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=cfg.run.seed)
+
+    stats = design_statistics({**codes, **references}, d.codes, None if no_elbo else elbo_fn)
+    elbo_sample = ref_rng.choice(len(d), size=min(ELBO_DATA_ROWS, len(d)), replace=False)
+    rule = validity_rule(d.codes, None if no_elbo else elbo_fn(d.codes[elbo_sample]))
+    log.info("validity statistics of %d designs and the rule from D: %.1f s",
+             sum(len(v["entropy"]) for v in stats.values()), time.perf_counter() - started)
+    uatg = data.task.name in UATG_TASKS
+    metrics, valid = {}, {}
+    for name, c in {**codes, **references}.items():
+        valid[name], reasons = rule.apply(stats[name])
+        metrics[name] = {**method_metrics(c, scores[name], best_offline, d.codes[kmer_rows],
+                                          novelty_reference=d.codes),
+                         **validity_metrics(stats[name], valid[name], scores[name], best_offline, worst_offline,
+                                            uatg=uatg)}
+        if name in codes:
+            for column in PER_DESIGN + ["elbo"]:
+                extra.setdefault(column, {})[name] = stats[name].get(column, np.full(len(c), np.nan))
+            extra.setdefault("valid", {})[name] = valid[name]
+            extra.setdefault("invalid_because", {})[name] = reasons
     table = results_table(metrics)
 
-    stage.write_parquet("samples.parquet", samples_frame(codes, scores, extra))
-    stage.write_json("metrics.json", {"task": data.task.name, "oracle": oracle.info, "best_offline": best_offline,
-                                      "n_samples": n, "methods": metrics})
+    stage.write_parquet("samples.parquet", samples_frame(codes, {m: scores[m] for m in codes}, extra))
+    stage.write_json("metrics.json", {
+        "task": data.task.name, "oracle": oracle.info, "best_offline": best_offline, "worst_offline": worst_offline,
+        "n_samples": n, "validity_rule": rule.to_dict(),
+        "elbo": {"t_samples": ELBO_T_SAMPLES, "data_rows": int(elbo_sample.size)} if not no_elbo else
+        {"unavailable": no_elbo},
+        "kmer_reference": {"rows": int(kmer_rows.size), "fraction": KMER_TOP_FRACTION, "k": 3},
+        "methods": {m: metrics[m] for m in codes}, "references": {m: metrics[m] for m in references}})
     out = stage.local_path() if run.is_local() else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write_fasta(codes, scores, out / "designs.fasta")
+        write_fasta(codes, {m: scores[m] for m in codes}, out / "designs.fasta")
         plots = {"Oracle scores per method": score_distributions(
-            scores, best_offline, out / "scores.png", f"{data.task.name}: {n} designs per method")}
+            {m: scores[m] for m in codes}, best_offline, out / "scores.png",
+            f"{data.task.name}: {n} designs per method")}
         if curves:
             plots["r_hat and oracle over fine-tuning"] = training_curves(curves, out / "training.png")
         notes = [f"Oracle: {oracle.info.get('kind')} ({oracle.info.get('note', '')}).",
-                 f"Best offline design (D_off, scored by the oracle): {best_offline:.4g}.",
-                 "Offline rows are real measured designs; generated designs are scored by the oracle only."]
-        write_report(out, data.task.name, table, plots, notes)
+                 f"Best offline design (D_off, scored by the oracle): {best_offline:.4g}; worst: {worst_offline:.4g}.",
+                 "Offline rows are real measured designs; generated designs are scored by the oracle only.",
+                 *validity_notes(rule, d.length, len(d), kmer_rows.size, {m: len(c) for m, c in references.items()},
+                                 worst_offline, int(elbo_sample.size), no_elbo)]
+        validity_table = table[[c for c in VALIDITY_COLUMNS if c in table.columns]]
+        write_report(out, data.task.name, table[SCORE_COLUMNS], plots, notes,
+                     {"Validity per design (medians; the rule is under Notes)": validity_table})
     log.info("evaluation (%d designs per method, oracle %s):\n%s", n, oracle.info.get("kind"), to_markdown(table))
     return table
+
+
+def validity_notes(rule: ValidityRule, length: int, n_data: int, n_kmer: int, n_refs: dict[str, int],
+                   worst_offline: float, n_elbo: int, no_elbo: str | None) -> list[str]:
+    """The report's account of the validity rule, the 3-mer reference and the reference rows."""
+    elbo_note = (f"ELBO: DDPM's variational lower bound on log p(sequence) under the pretrained model, with a "
+                 f"categorical decoder (braid_ray/diffusion/likelihood.py; per sequence the steps t = 1 and T and "
+                 f"{ELBO_T_SAMPLES} sampled steps, the same draws for every sequence, so differences between "
+                 f"designs are sharper than the level); a model that draws every letter uniformly has "
+                 f"log p = -L ln 4 = {-length * math.log(4):.1f} nats." if not no_elbo else
+                 f"No ELBO: {no_elbo}; the rule has no likelihood part.")
+    tail = f"{100 * rule.quantile:g}"
+    return [f"Validity rule: a design is invalid (hacked) if {rule.describe(length)}. The limits come from D "
+            f"({n_data:,} rows): a run longer than D's {100 - 100 * rule.quantile:g}th percentile (and at least "
+            f"{HOMOPOLYMER_MIN_RUN}), entropy and ELBO below D's {tail}{'st' if tail == '1' else 'th'} percentile "
+            f"(the ELBO over {n_elbo:,} sampled rows of D), so about 1-3% of D's own rows fail it; the Offline rows "
+            "show that level.",
+            f"median_penalized scores each invalid design as the worst offline design ({worst_offline:.4g}): a "
+            "method cannot raise it by hacking, and it equals the plain median when every design is valid.",
+            f"3-mer reference (kmer_pearson): the measured top {n_kmer:,} rows of D by y (top "
+            f"{KMER_TOP_FRACTION:.1%}, at least {KMER_TOP_MIN_ROWS}). Reference rows: {REF_RANDOM} "
+            f"({n_refs[REF_RANDOM]} sequences, each letter uniform), {REF_TOP} ({n_refs[REF_TOP]} rows of D's "
+            f"measured top {REFERENCE_TOP_FRACTION:.0%}, without the 3-mer reference rows), {REF_POLY_T} "
+            f"(T x {length}); each is scored by the oracle and measured like a method's designs.",
+            elbo_note]

@@ -15,7 +15,7 @@ import pytest
 from braid_ray.data.encoding import decode, encode_strings
 from braid_ray.eval import (COLUMNS, distinct, kmer_frequencies, kmer_pearson, mean_pairwise_hamming,
                             method_metrics, novelty, results_table, samples_frame, score_distributions, score_table,
-                            to_markdown, training_curves, write_fasta, write_report)
+                            to_markdown, top_rows, training_curves, write_fasta, write_report)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -59,6 +59,17 @@ def test_kmer_pearson_is_one_on_itself_and_matches_corrcoef() -> None:
     assert kmer_pearson(poly_a, b) < 0.5  # one 3-mer only: unlike random sequences
     every_4mer = np.array(list(itertools.product(range(4), repeat=4)), dtype=np.int8)  # uniform 3-mers
     assert np.isnan(kmer_pearson(a[:, :4], every_4mer))
+
+
+def test_top_rows_pick_the_best_share_with_a_floor() -> None:
+    y = np.array([0.1, 0.9, 0.5, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6])
+    assert list(top_rows(y, 0.2)) == [1, 3]  # ties keep the table's order
+    assert list(top_rows(y, 0.25)) == [1, 3, 7]  # ceil(2.5)
+    assert list(top_rows(y, 0.001)) == [1] and list(top_rows(y, 0.001, min_rows=4)) == [1, 3, 7, 5]
+    assert len(top_rows(y, 0.5, min_rows=50)) == 10
+    assert len(top_rows(np.arange(65_536.0), 0.001)) == 66  # TFBind8's 3-mer reference
+    with pytest.raises(ValueError, match=r"fraction: expected a share of the rows in \(0, 1\]"):
+        top_rows(y, 0.0)
 
 
 def test_mean_pairwise_hamming_matches_a_double_loop() -> None:
@@ -209,3 +220,15 @@ def test_report_has_the_table_plots_and_notes(tmp_path: Path, designs) -> None:
     assert "![Oracle scores](figs/scores.png)" in text and "- BRAID-Bonus collapsed." in text
     with pytest.raises(FileNotFoundError, match="missing.png"):
         write_report(tmp_path, "tfbind8", df, {"x": tmp_path / "missing.png"}, [])
+
+
+def test_report_renders_further_tables_and_their_legend(tmp_path: Path, designs) -> None:
+    codes, scores = designs
+    df = results_table({m: method_metrics(codes[m], scores[m], 0.7, codes["Pretrained"]) for m in codes})
+    validity = pd.DataFrame({"method": list(codes), "valid_share": [1.0, 0.9, 0.5, 0.0],
+                             "homopolymer": [2.0, 3.0, 4.0, 8.0], "elbo": [-40.0, -41.0, -60.0, -90.0]})
+    text = write_report(tmp_path, "utr_mrl", df, {}, [], {"Validity per design": validity}).read_text()
+    head, rest = text.split("## Validity per design", 1)
+    assert "| STRL | 40 |" in head and to_markdown(validity).splitlines()[5] in rest
+    assert "- **valid_share**: fraction of designs the validity rule accepts" in rest
+    assert "- **elbo**: median ELBO" in rest and "- **uatg**" not in text and "- **gc**" not in text

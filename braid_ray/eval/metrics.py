@@ -10,6 +10,10 @@ import numpy as np
 
 N_LETTERS = 4
 MAX_K = 12  # 4**12 = 16.8M frequencies; larger k has no use for validity
+# The 3-mer reference is the measured top 0.1% of D by y, as in DRAKES (eval.kmer_top_fraction), with at least
+# this many rows (eval.kmer_top_min_rows) so that a small table still gives a usable profile.
+KMER_TOP_FRACTION = 0.001
+KMER_TOP_MIN_ROWS = 10
 
 
 def check_codes(codes: np.ndarray, name: str = "codes") -> np.ndarray:
@@ -105,6 +109,16 @@ def kmer_pearson(codes: np.ndarray, reference_codes: np.ndarray, k: int = 3) -> 
     if f.std() == 0 or g.std() == 0:
         return float("nan")
     return float(np.corrcoef(f, g)[0, 1])
+
+
+def top_rows(y: np.ndarray, fraction: float, min_rows: int = 1) -> np.ndarray:
+    """Indices of the top ceil(fraction * N) rows of y (N,) (at least ``min_rows``, at most N), best first; ties
+    keep the table's order."""
+    y = check_scores(y, "y")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction: expected a share of the rows in (0, 1], got {fraction}")
+    n = min(len(y), max(int(np.ceil(fraction * len(y) - 1e-9)), min_rows, 1))
+    return np.argsort(-y, kind="stable")[:n]
 
 
 # ------------------------------------------------------------------------------------------------

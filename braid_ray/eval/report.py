@@ -19,10 +19,23 @@ COLUMN_NOTES = {
     "n": "designs evaluated",
     "median, mean, p90, max": "oracle score of the designs",
     "frac_above_best": "fraction of designs scoring strictly above the best offline design",
-    "kmer_pearson": "Pearson correlation of 3-mer frequencies with the reference (validity)",
+    "kmer_pearson": "Pearson correlation of 3-mer frequencies with the reference (by default the measured top "
+                    "0.1% of D, as in DRAKES; the ref: rows show what a value means)",
     "diversity": "mean pairwise Hamming distance between designs, in positions",
     "novelty": "fraction of designs not in the reference table",
     "distinct": "number of distinct designs",
+    "valid_share": "fraction of designs the validity rule accepts (not hacked)",
+    "median_valid": "median oracle score over the valid designs only",
+    "median_penalized": "median oracle score over all designs, each invalid design scored as the worst offline "
+                        "design (a hacked design is a failure)",
+    "above_best_valid": "fraction of all designs that are valid and score strictly above the best offline design",
+    "homopolymer": "median longest homopolymer run, in positions",
+    "entropy": "median Shannon entropy of the letter composition, in bits (2 = uniform, 0 = homopolymer)",
+    "gc": "median GC fraction",
+    "nn_distance": "median Hamming distance to the nearest sequence of D, in positions (0 = in D)",
+    "elbo": "median ELBO under the pretrained diffusion model, in nats per sequence (a lower bound on "
+            "log p; higher = more like D)",
+    "uatg": "mean number of upstream ATGs (start codons) per design",
 }
 
 
@@ -141,15 +154,20 @@ def samples_frame(codes_by_method: dict[str, np.ndarray], scores_by_method: dict
 
 
 def write_report(out_dir: str | Path, task: str, df: pd.DataFrame, plots: dict[str, Path],
-                 notes: list[str]) -> Path:
-    """Write ``out_dir/report.md``: a title, the results table with its column legend, each plot (a caption
-    -> PNG path) as a relative image link, and the notes as bullets. Returns the report's path."""
+                 notes: list[str], tables: dict[str, pd.DataFrame] | None = None) -> Path:
+    """Write ``out_dir/report.md``: a title, the results table, each further table (a heading -> a frame)
+    under its heading, one column legend for them all, each plot (a caption -> PNG path) as a relative image
+    link, and the notes as bullets. Returns the report's path."""
     out_dir = Path(out_dir)
     missing = {name: str(p) for name, p in plots.items() if not Path(p).is_file()}
     if missing:
         raise FileNotFoundError(f"plots: no such file(s) {missing}")
+    tables = tables or {}
     lines = [f"# {task}: evaluation", "", to_markdown(df).rstrip("\n"), ""]
-    lines += [f"- **{column}**: {note}" for column, note in COLUMN_NOTES.items() if column.split(",")[0] in df]
+    for name, table in tables.items():
+        lines += [f"## {name}", "", to_markdown(table).rstrip("\n"), ""]
+    shown = set(df.columns).union(*(t.columns for t in tables.values()))
+    lines += [f"- **{column}**: {note}" for column, note in COLUMN_NOTES.items() if column.split(",")[0] in shown]
     for name, p in plots.items():
         rel = Path(os.path.relpath(Path(p).resolve(), out_dir.resolve())).as_posix()
         lines += ["", f"## {name}", "", f"![{name}]({rel})"]

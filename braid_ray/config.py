@@ -53,7 +53,10 @@ class DataConfig:
 
 @dataclass
 class OracleConfig:
-    kind: str | None = None  # oracle registry name (table | optimus5p | trained_cnn); None = task default
+    kind: str | None = None  # oracle registry name (table | optimus5p | trained_cnn | kmer_ridge); None = task default
+    # An independent oracle reported beside the primary: a registry name, "auto" (kmer_ridge on D_ora where the
+    # primary shares data with the reward, as Optimus 5-Prime does on utr_mrl), or null (none).
+    secondary: str | None = "auto"
     # Settings of the CNN trained on D_ora, used only by kind=trained_cnn.
     channels: int = 64  # conv channels
     layers: int = 3  # conv layers
@@ -93,6 +96,7 @@ class DiffusionConfig:
     backbone: str = "gaussian_onehot"  # diffusion backbone registry name
     steps: int = 50  # T, denoising steps of the sampler (and of DDPM training)
     eta: float = 1.0  # DDIM eta: 1 = ancestral (DDPM posterior), 0 = deterministic (no KL possible)
+    clip_x0: bool = True  # clip the predicted x0 to [-1, 1] at every reverse step (the data are +-1 one-hot)
     channels: int = 64  # denoiser conv channels
     blocks: int = 3  # denoiser residual blocks
     kernel_size: int = 5  # denoiser conv kernel width (nt)
@@ -392,6 +396,8 @@ def validate(cfg: Config) -> None:
     o = cfg.oracle
     if o.kind is not None:
         _check(o.kind in ORACLES, "oracle.kind", o.kind, f"one of {sorted(ORACLES)} or null (task default)")
+    if o.secondary not in (None, "auto"):
+        _check(o.secondary in ORACLES, "oracle.secondary", o.secondary, f"one of {sorted(ORACLES)}, auto or null")
     _check(0.0 <= o.dropout < 1.0, "oracle.dropout", o.dropout, "a probability in [0, 1)")
     for key in ("channels", "layers", "kernel_size", "hidden", "pool", "epochs", "batch_size", "patience"):
         _check(getattr(o, key) >= 1, f"oracle.{key}", getattr(o, key), "an integer >= 1")

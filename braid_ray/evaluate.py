@@ -37,6 +37,7 @@ from braid_ray.eval import (COLUMNS, ELBO_DATA_ROWS, HOMOPOLYMER_MIN_RUN, KMER_T
 from braid_ray.finetune.run import load_pretrained, load_reward
 from braid_ray.finetune.trainer import METHODS
 from braid_ray.oracles import Oracle
+from braid_ray.oracles.agreement import method_agreement
 from braid_ray.reward.fit import score
 from braid_ray.rundir import RunDir
 from braid_ray.stages import DataResult
@@ -49,6 +50,8 @@ REF_RANDOM, REF_TOP, REF_POLY_T = "ref: uniform random", "ref: D top 1%", "ref: 
 REFERENCE_TOP_FRACTION = 0.01  # the "measured top 1% of D" reference row (eval.reference_top_fraction)
 UATG_TASKS = ("utr_mrl",)  # 5'UTR tasks: the table reports the mean uATG count (computed for every task)
 SCORE_COLUMNS = COLUMNS + ["valid_share", "median_valid", "median_penalized", "above_best_valid"]
+SECONDARY_COLUMNS = ["method", "median", "secondary_median", "frac_above_best", "secondary_frac_above_best",
+                     "both_frac_above_best", "oracle_spearman"]
 VALIDITY_COLUMNS = ["method", "valid_share", "homopolymer", "entropy", "gc", "nn_distance", "elbo", "uatg"]
 
 
@@ -74,6 +77,27 @@ def reference_designs(d: Labelled, kmer_rows: np.ndarray, n: int, rng: np.random
             REF_POLY_T: np.full((1, d.length), 3, dtype=np.int8)}
 
 
+def secondary_oracle(oracle: Oracle, designs: dict[str, np.ndarray], scores: dict[str, np.ndarray],
+                     off_codes: np.ndarray, best_offline: float, metrics: dict[str, dict], extra: dict,
+                     methods: list[str]) -> dict:
+    """With an independent oracle beside the primary (``oracle.secondary``): its scores of every design set, in
+    each set's metrics (its median, its share above its own best offline design, the share above both oracles'
+    best offline designs, and the two oracles' Spearman on the set) and in samples.parquet; returns the
+    agreement summary ({} without a secondary). A design beats the data only when both oracles say so."""
+    second = getattr(oracle, "secondary", None)
+    if second is None:
+        return {}
+    other = {name: second.score(c) for name, c in designs.items()}
+    best_2 = float(second.score(off_codes).max())
+    agree = method_agreement({m: scores[m] for m in designs}, other, (best_offline, best_2))
+    for name, row in agree["methods"].items():
+        metrics[name].update({"secondary_median": row["secondary_median"],
+                              "secondary_frac_above_best": row["secondary_frac_above_best"],
+                              "both_frac_above_best": row["both_frac_above_best"], "oracle_spearman": row["spearman"]})
+    extra["oracle_secondary"] = {m: other[m] for m in methods}
+    return {**agree, "best_offline_secondary": best_2, "secondary": second.info}
+
+
 def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, methods: list[str]) -> pd.DataFrame:
     """Sample, score and report every method; returns the results table (one row per method, then the
     reference rows)."""
@@ -96,7 +120,8 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
                                                                                 cfg.run.seed)
     curves = {}
     for method in methods:
-        tuned = FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization)
+        tuned = FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization,
+                                active_steps=cfg.finetune.k if cfg.finetune.early_steps == "pretrained" else None)
         tuned.trainable.load_state_dict(load_safetensors(run.stage(f"finetune/{method}").read_bytes(
             "trainable.safetensors")))
         label = LABELS[method]
@@ -144,6 +169,8 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
                 extra.setdefault(column, {})[name] = stats[name].get(column, np.full(len(c), np.nan))
             extra.setdefault("valid", {})[name] = valid[name]
             extra.setdefault("invalid_because", {})[name] = reasons
+    agreement = secondary_oracle(oracle, {**codes, **references}, scores, off_codes, best_offline, metrics, extra,
+                                 list(codes))
     table = results_table(metrics)
 
     stage.write_parquet("samples.parquet", samples_frame(codes, {m: scores[m] for m in codes}, extra))
@@ -153,7 +180,8 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
         "elbo": {"t_samples": ELBO_T_SAMPLES, "data_rows": int(elbo_sample.size)} if not no_elbo else
         {"unavailable": no_elbo},
         "kmer_reference": {"rows": int(kmer_rows.size), "fraction": KMER_TOP_FRACTION, "k": 3},
-        "methods": {m: metrics[m] for m in codes}, "references": {m: metrics[m] for m in references}})
+        "methods": {m: metrics[m] for m in codes}, "references": {m: metrics[m] for m in references},
+        "oracles": getattr(oracle, "summary", {}), "oracle_agreement": agreement})
     out = stage.local_path() if run.is_local() else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -169,8 +197,13 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
                  *validity_notes(rule, d.length, len(d), kmer_rows.size, {m: len(c) for m, c in references.items()},
                                  worst_offline, int(elbo_sample.size), no_elbo)]
         validity_table = table[[c for c in VALIDITY_COLUMNS if c in table.columns]]
-        write_report(out, data.task.name, table[SCORE_COLUMNS], plots, notes,
-                     {"Validity per design (medians; the rule is under Notes)": validity_table})
+        tables = {"Validity per design (medians; the rule is under Notes)": validity_table}
+        if agreement:
+            second = agreement["secondary"]
+            tables[f"An independent oracle beside the primary: {second.get('kind')}, trained on D_ora only "
+                   f"(its best offline design: {agreement['best_offline_secondary']:.4g}); a design beats the data "
+                   "only when both oracles say so"] = table[[c for c in SECONDARY_COLUMNS if c in table.columns]]
+        write_report(out, data.task.name, table[SCORE_COLUMNS], plots, notes, tables)
     log.info("evaluation (%d designs per method, oracle %s):\n%s", n, oracle.info.get("kind"), to_markdown(table))
     return table
 

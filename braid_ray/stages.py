@@ -29,7 +29,7 @@ from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrai
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, trainer_state_files
 from braid_ray.finetune.loop import Save, drive, run_summary, tracking_sinks
 from braid_ray.finetune.trainer import Monitor
-from braid_ray.oracles import Oracle, build_oracle
+from braid_ray.oracles import SECONDARY, Oracle, build_oracles
 from braid_ray.reward.conservative import ConservativeReward
 from braid_ray.reward.fit import (RewardData, assemble, calibration, calibration_markdown, reward_data, stack_spec,
                                   train_spec)
@@ -99,15 +99,20 @@ def data_stage(cfg: Config, run: RunDir) -> DataResult:
 def oracle_stage(cfg: Config, run: RunDir, data: DataResult) -> Oracle:
     """The task's evaluation oracle; a trained one is fitted on D_ora once and cached."""
     kind = cfg.oracle.kind or data.task.default_oracle
+    second = SECONDARY.get(kind) if cfg.oracle.secondary == "auto" else cfg.oracle.secondary
+    trained = kind == "trained_cnn" or second in ("trained_cnn", "kmer_ridge")
     record = {"kind": kind, "data": data.fingerprint, "seed": cfg.run.seed,
-              "oracle": cfg.section("oracle")["oracle"] if kind == "trained_cnn" else {}}
+              "oracle": cfg.section("oracle")["oracle"] if trained else {}}
+    if second is not None:
+        record["secondary"] = second
     stage = run.stage("oracle")
     reused = stage.begin(record, cfg.run.overwrite)
     if not reused and kind == "trained_cnn":
         log.info("oracle: training a CNN on D_ora (%d rows)", data.splits.ora.size)
-    oracle = build_oracle(kind, data.task, data.d, data.splits, cfg.oracle, cfg.run.seed, stage)
+    oracle = build_oracles(data.task, data.d, data.splits, cfg.oracle, cfg.run.seed, stage, kind,
+                           cfg.oracle.secondary)
     if not reused:
-        stage.write_json("info.json", oracle.info)
+        stage.write_json("info.json", {**oracle.info, "oracles": oracle.summary})
         stage.write_yaml("config.yaml", cfg.to_dict())
         stage.finish(record)
     return oracle

@@ -101,3 +101,23 @@ def test_stage_conflict_names_the_changed_keys(tmp_path: Path) -> None:
     other.begin({"k": 1}, overwrite=False)
     other.write_json("partial.json", {"step": 3})
     assert other.begin({"k": 1}, overwrite=False) is False and other.exists("partial.json")
+
+
+def test_utr_designs_are_scored_by_an_independent_oracle_too(tmp_path: Path) -> None:
+    """utr_mrl's oracle (Optimus 5-Prime) was trained on the same library as D: the evaluation adds a k-mer ridge
+    trained on D_ora only, and reports both oracles and their agreement per method."""
+    import json
+
+    run = tmp_path / "utr"
+    out = _launch(f"run.dir={run}", "--config", str(ROOT / "configs" / "utr_mrl.yaml"), "task.subset=ci",
+                  "finetune.methods=[strl]", "eval.grad_ascent=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    agreement = metrics["oracle_agreement"]
+    assert agreement["secondary"]["kind"] == "kmer_ridge" and metrics["oracles"]["primary"]["kind"] == "optimus5p"
+    strl = metrics["methods"]["STRL"]
+    assert {"secondary_median", "both_frac_above_best", "oracle_spearman"} <= set(strl)
+    assert strl["both_frac_above_best"] <= min(strl["frac_above_best"], strl["secondary_frac_above_best"])
+    samples = pd.read_parquet(run / "eval" / "samples.parquet")
+    assert samples["oracle_secondary"].notna().all()
+    assert "An independent oracle beside the primary: kmer_ridge" in (run / "eval" / "report.md").read_text()

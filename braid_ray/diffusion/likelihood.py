@@ -27,6 +27,10 @@ x_0 = encode(codes) in {-1, +1}^(L x 4):
   that knows nothing (every letter uniform) has log-likelihood -L ln 4. (The sampler itself decodes by the
   argmax of x_0 = mu + sigma_1 z; this decoder is the same Gaussian, conditioned on landing on a vertex.)
 
+The bound is the denoiser's, without the sampler's clipping of x0_hat to [-1, 1] (``clip_x0``, the default
+when sampling): clipping makes mu_theta non-linear in eps_hat, and the eps form below needs it linear. As a
+validity score this ranks designs by how well the pretrained denoiser explains them.
+
 Estimator. The prior in closed form. The reconstruction (t = 1) with one draw of x_1 per sequence. The KLs
 at t = 2..T-1 by stratified sampling: {2, ..., T-1} is cut into ``t_samples`` contiguous strata of near-equal
 size n_j, one t is drawn uniformly in each with one noise draw, and its KL is weighted by n_j (unbiased; the
@@ -86,13 +90,18 @@ def posterior(schedule: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.
     return ab_prev.sqrt()[:, None, None] * x0.double() + c[:, None, None] * eps, sigma2
 
 
-def model_mean(schedule: Schedule, eps_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def model_mean(schedule: Schedule, eps_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+               clip_x0: bool = False) -> torch.Tensor:
     """mu_theta(x_t, t) (B, L, 4) from the predicted noise eps_hat at steps t (B,): the policy's mean, batched
-    over rows with different t (``GaussianOneHotDiffusion.policy`` takes one t)."""
+    over rows with different t (``GaussianOneHotDiffusion.policy`` takes one t), with its x0 clipping."""
     ab, ab_prev, sigma2 = _per_row(schedule, t)
     c = torch.where(t > 1, (1 - ab_prev - sigma2).clamp_min(0).sqrt(), torch.zeros_like(ab))
-    x0_hat = (x_t.double() - (1 - ab).sqrt()[:, None, None] * eps_hat.double()) / ab.sqrt()[:, None, None]
-    return ab_prev.sqrt()[:, None, None] * x0_hat + c[:, None, None] * eps_hat.double()
+    x_t, eps_hat = x_t.double(), eps_hat.double()
+    x0_hat = (x_t - (1 - ab).sqrt()[:, None, None] * eps_hat) / ab.sqrt()[:, None, None]
+    if clip_x0:
+        x0_hat = x0_hat.clamp(-1.0, 1.0)
+        eps_hat = (x_t - ab.sqrt()[:, None, None] * x0_hat) / (1 - ab).sqrt()[:, None, None]
+    return ab_prev.sqrt()[:, None, None] * x0_hat + c[:, None, None] * eps_hat
 
 
 def _per_row(schedule: Schedule, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

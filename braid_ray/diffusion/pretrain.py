@@ -24,7 +24,7 @@ def build_backbone(cfg: DiffusionConfig, length: int, temperature: float = 0.5,
                    straight_through: bool = False) -> GaussianOneHotDiffusion:
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown diffusion backbone {cfg.backbone!r}; valid: {sorted(BACKBONES)}")
-    return BACKBONES[cfg.backbone](length, cfg.steps, cfg.eta, temperature, straight_through)
+    return BACKBONES[cfg.backbone](length, cfg.steps, cfg.eta, temperature, straight_through, cfg.clip_x0)
 
 
 def build_denoiser(cfg: DiffusionConfig, length: int, seed: int | None = None) -> ConvDenoiser:

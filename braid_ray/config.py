@@ -96,7 +96,10 @@ class DiffusionConfig:
     backbone: str = "gaussian_onehot"  # diffusion backbone registry name
     steps: int = 50  # T, denoising steps of the sampler (and of DDPM training)
     eta: float = 1.0  # DDIM eta: 1 = ancestral (DDPM posterior), 0 = deterministic (no KL possible)
-    clip_x0: bool = True  # clip the predicted x0 to [-1, 1] at every reverse step (the data are +-1 one-hot)
+    # Clip the predicted x0 to [-1, 1] at every reverse step (the data are +-1 one-hot). It fixes the first step
+    # (the cosine schedule's last beta, 0.999, amplifies its noise-prediction error ~30x) but its Jacobian is
+    # zero on clipped coordinates, which blocks the reward's gradient through the sampler: off by default.
+    clip_x0: bool = False
     channels: int = 64  # denoiser conv channels
     blocks: int = 3  # denoiser residual blocks
     kernel_size: int = 5  # denoiser conv kernel width (nt)

@@ -5,15 +5,18 @@ from a random distribution over the 64 sequences; T = 10 steps; the default para
 mu = mu_pre + sigma_t c(x_t, t)) with the whole path's KL; Adam lr 5e-3, cosine decay over 600 steps.
 p_pre is the pretrained sampler's own histogram (20k samples; two 20k histograms differ by TV about 0.03).
 
-The test fits the alpha whose tilted target best explains the fine-tuned histogram (the minimiser of
-KL(p_ft || exp(r/a) p_pre / Z) over a log grid of a) and asserts it is within 1.5x of the alpha used, on 3
-seeds (measured: 0.81x, 0.71x, 0.71x), with a negative control: the same fit must reject 4 alpha.
+The tests fit the alpha whose tilted target best explains the fine-tuned histogram (the minimiser of
+KL(p_ft || exp(r/a) p_pre / Z) over a log grid of a).
 
-With truncated backpropagation (K < T) the same loop does NOT reach the target: the steps before the last K
-feel only the KL's gradient, so they return to the pretrained policy, and the last K steps of a cosine
-schedule carry too little noise to move mass between designs (measured on seed 0: fitted alpha 3.0x at
-K = 9, >= 4x at K <= 8). The second test pins this down as a property of the method: at K < T, BRAID's
-fine-tuned sampler is more conservative than its alpha says.
+1. Where the reward's gradient reaches every step (K = T, the default sampler, without x0 clipping): the fitted alpha is
+   within 1.5x of the alpha used, on 3 seeds (measured 0.81x, 0.71x, 0.71x), and a negative control: the
+   same fit rejects 4 alpha.
+2. Where it does not, the fine-tuned sampler is MORE conservative than its alpha says, because steps that get
+   no reward gradient feel only the KL's and stay at the pretrained policy. Two causes, both measured on
+   seed 0: truncated backpropagation (K < T: 3.0x at K = 9, >= 4x at K <= 8) and x0 clipping
+   (``diffusion.clip_x0=true``), whose Jacobian is zero on the clipped coordinates, which on the early, noisy
+   steps are most of them (with clipping: 1.52x at K = T with 600 or 1200 steps, 1.87x at K = 8). The
+   second test pins that direction down for truncation, the default's K < T.
 """
 
 from __future__ import annotations
@@ -39,11 +42,11 @@ def _tv(p: torch.Tensor, q: torch.Tensor) -> float:
     return 0.5 * (p - q).abs().sum().item()
 
 
-def _fine_tune(seed: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fine_tune(seed: int, k: int, clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p_pre, p_ft, r at the 64 vertices) for one seed: pretrain, then fine-tune at ALPHA with K = k."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    backbone = GaussianOneHotDiffusion(L, steps=T, eta=1.0)
+    backbone = GaussianOneHotDiffusion(L, steps=T, eta=1.0, clip_x0=clip_x0)
     p_data = torch.distributions.Dirichlet(torch.ones(64)).sample()
     model = ConvDenoiser(L, channels=32, blocks=2, kernel_size=3, emb_dim=32)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -83,7 +86,7 @@ def _fitted_alpha(p_pre: torch.Tensor, p_ft: torch.Tensor, r: torch.Tensor) -> f
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fine_tuned_sampler_reaches_the_tilted_target_at_its_alpha(seed: int) -> None:
-    p_pre, p_ft, r = _fine_tune(seed, k=T)
+    p_pre, p_ft, r = _fine_tune(seed, k=T, clip_x0=False)
     target = _target(p_pre, r, ALPHA)
     assert _tv(p_pre, target) > 0.3, "the test needs a target far from p_pre"
     assert _tv(p_ft, target) <= 0.5 * _tv(p_pre, target)
@@ -94,7 +97,7 @@ def test_fine_tuned_sampler_reaches_the_tilted_target_at_its_alpha(seed: int) ->
 
 @pytest.mark.slow
 def test_truncated_backpropagation_is_more_conservative_than_its_alpha() -> None:
-    """K = 8 of T = 10 with the whole path's KL: the fitted alpha is at least twice the alpha used."""
-    p_pre, p_ft, r = _fine_tune(0, k=8)
+    """K = 8 of T = 10 (the default sampler) with the whole path's KL: the fitted alpha is at least twice the
+    alpha used (measured >= 4x, the grid's edge)."""
+    p_pre, p_ft, r = _fine_tune(0, k=8, clip_x0=False)
     assert _fitted_alpha(p_pre, p_ft, r) >= 2 * ALPHA
-    assert _tv(p_ft, _target(p_pre, r, ALPHA)) > 0.5 * _tv(p_pre, _target(p_pre, r, ALPHA))

@@ -21,6 +21,8 @@ from typing import Protocol
 
 import torch
 
+from braid_ray.config import TrackingConfig
+
 log = logging.getLogger(__name__)
 
 # Writes this rank's files of a resumable checkpoint into a directory.
@@ -199,7 +201,7 @@ class MLflowSink:
         self.mlflow.end_run()
 
 
-def tracking_sinks(tracking, run_dir_local: str | None, what: str, stage: str, steps: int, log_every: int,
+def tracking_sinks(tracking: TrackingConfig, run_dir_local: str | None, what: str, stage: str, steps: int, log_every: int,
                    rank: int = 0) -> list[Sink]:
     """The sinks ``tracking`` (a TrackingConfig) asks for, on rank 0 only: progress, TensorBoard under
     ``<run_dir_local>/tensorboard/<stage>``, MLflow. Other ranks get none (their metrics are rank 0's)."""

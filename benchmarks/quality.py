@@ -142,9 +142,12 @@ def _pm(x: pd.Series, digits: int = 3) -> str:
 
 def report(df: pd.DataFrame) -> str:
     lines = []
-    cols = [("median", "oracle median, all designs"), ("valid_median", "oracle median, valid designs"),
-            ("valid_share", "valid share"), ("ft_kl", "whole-path KL (nats)"), ("ft_alpha_kl_z", "alpha * KL (z)"),
-            ("ft_reward_gain_z", "reward gain (z)"), ("mean_pairwise_hamming", "diversity (mean pairwise Hamming)")]
+    cols = [("median", "oracle median, all designs"), ("median_valid", "oracle median, valid designs"),
+            ("median_penalized", "oracle median, invalid designs scored as the worst offline"),
+            ("valid_share", "valid share"), ("kmer_pearson", "3-mer r vs D's top 0.1%"),
+            ("ft_kl", "whole-path KL (nats)"), ("ft_alpha_kl_z", "alpha * KL (z)"),
+            ("ft_reward_gain_z", "reward gain (z)"), ("diversity", "diversity (mean pairwise Hamming)"),
+            ("distinct", "distinct designs")]
     for task, t in df.groupby("task"):
         seeds = sorted(t["seed"].unique())
         lines += [f"### {task} ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean [95% bootstrap CI over seeds])",
@@ -158,7 +161,7 @@ def report(df: pd.DataFrame) -> str:
             a = "-" if pd.isna(alpha) else f"{alpha:g}"
             lines.append(f"| {method} | {a} | " + " | ".join(_pm(g[c]) for c, _ in present) + " |")
         for method in [m for m in t["method"].unique() if m.startswith("BRAID")]:
-            for key, what in (("median", "all designs"), ("valid_median", "valid designs")):
+            for key, what in (("median", "all designs"), ("median_penalized", "all designs, invalid ones failing")):
                 if key not in t.columns:
                     continue
                 p = paired(t, key, method)
@@ -183,7 +186,8 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2 * len(tasks), figsize=(6 * len(tasks) * 2, 4.5), squeeze=False)
     for col, task in enumerate(tasks):
         t = df[df["task"] == task]
-        for j, (key, title) in enumerate((("median", "all designs"), ("valid_median", "valid designs"))):
+        for j, (key, title) in enumerate((("median", "all designs"),
+                                          ("median_penalized", "invalid = worst offline y"))):
             ax = axes[0, 2 * col + j]
             if key not in t.columns:
                 continue
@@ -193,7 +197,7 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
                             label=method)
                 for alpha, r in s.iterrows():
                     ax.annotate(f"{alpha:g}", (r["kl"], r["y"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-            for name, style in (("Pretrained", ":"), ("Grad.", "-.")):
+            for name, style in (("Pretrained", ":"), ("Grad. (r_hat)", "-.")):
                 ref = t[t["method"] == name]
                 if not ref.empty and key in ref:
                     ax.axhline(ref[key].mean(), color="grey", linestyle=style, label=name)

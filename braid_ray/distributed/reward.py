@@ -35,7 +35,7 @@ def _worker(config: dict) -> None:
     w = setup_worker(config)
     cfg = w.cfg
     members = member_slices(cfg.reward.members, w.world)[w.rank]
-    codes, z = ray.get(config["rows"])
+    codes, z = (np.array(a) for a in ray.get(config["rows"]))  # writable copies of the object store's views
     net, metrics = train_members(codes, z, members, config["spec"], train_spec(cfg.reward), cfg.run.seed,
                                  progress=w.rank == 0, device=w.device)
     with tempfile.TemporaryDirectory() as tmp:

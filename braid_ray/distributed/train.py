@@ -58,7 +58,7 @@ def _pretrain_worker(config: dict) -> list[float]:
         with finished.as_directory() as d:
             if Path(d, "losses.json").is_file():
                 return json.loads(Path(d, "losses.json").read_text())
-    codes = np.asarray(ray.get(config["codes"]), dtype=np.int8)
+    codes = np.array(ray.get(config["codes"]), dtype=np.int8)  # a writable copy of the object store's read-only view
     shard = codes[w.rank::w.world]
     backbone = build_backbone(cfg.diffusion, codes.shape[1])
     # the same initial weights on every rank; prepare_model moves the module to w.device before DDP wraps it

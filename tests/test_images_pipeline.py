@@ -113,7 +113,7 @@ def test_evaluation_as_ray_tasks_reads_run_dir_and_matches_in_process(tmp_path: 
     run.stage("reward").write_bytes("reward.safetensors", tiny_reward_bytes(cfg))
     weights = trainable_weights(build_policy(cfg, torch.device("cpu")).state_dict(), lora=True)
     run.stage("finetune/strl").write_bytes("trainable_fp32.safetensors", save_safetensors(weights))
-    on_ray = evaluate_on_ray(cfg, ["pretrained", "strl"])
+    on_ray = evaluate_on_ray(cfg, ["pretrained", "strl"], evaluate_method)
     for method, (pixels, scores) in zip(["pretrained", "strl"], on_ray):
         here_pixels, here = evaluate_method(cfg, method, torch.device("cpu"))
         assert pixels.shape == here_pixels.shape == (3, 16, 16, 3) and len(scores) == 4
@@ -127,6 +127,7 @@ def test_a_local_run_dir_on_several_nodes_stops_every_image_stage_that_writes_fr
     import ray
 
     from braid_ray.distributed.image_data import embed_table, evaluate_on_ray, sample_and_embed
+    from braid_ray.images.stages import evaluate_method
     from braid_ray.distributed.images import finetune_images_on_ray
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])  # as on a 2-node cluster
@@ -134,7 +135,7 @@ def test_a_local_run_dir_on_several_nodes_stops_every_image_stage_that_writes_fr
     table = pd.DataFrame({"id": [0], "image": [encode_png(np.zeros((16, 16, 3), np.uint8))]})
     for stage in (lambda: sample_and_embed(cfg, str(tmp_path / "data")), lambda: embed_table(cfg, table, str(tmp_path)),
                   lambda: finetune_images_on_ray(cfg, "strl", b"", str(tmp_path / "ray"), "strl"),
-                  lambda: evaluate_on_ray(cfg, ["pretrained"])):
+                  lambda: evaluate_on_ray(cfg, ["pretrained"], evaluate_method)):
         with pytest.raises(ValueError, match="on 2 nodes: .* Set run.dir to a bucket"):
             stage()
     assert list(tmp_path.iterdir()) == []  # stopped before anything was written

@@ -11,6 +11,8 @@ run.dir and returning its grid images and scores.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import os
 
 import numpy as np
@@ -100,16 +102,19 @@ def read_table(parquet_dir: str) -> pd.DataFrame:
     return frame
 
 
-def _evaluate_task(cfg: dict, method: str) -> tuple[np.ndarray, pd.DataFrame]:
-    from braid_ray.images.stages import evaluate_method
+# (config, method, device) -> (grid pixels, scores): the image stage's evaluate_method, passed in so that this
+# adapter does not import the stage that calls it.
+EvaluateMethod = Callable[[Config, str, torch.device], tuple[np.ndarray, pd.DataFrame]]
 
-    return evaluate_method(from_dict(cfg), method, actor_device())
+
+def _evaluate_task(evaluate: EvaluateMethod, cfg: dict, method: str) -> tuple[np.ndarray, pd.DataFrame]:
+    return evaluate(from_dict(cfg), method, actor_device())
 
 
-def evaluate_on_ray(cfg: Config, methods: list[str]) -> list[tuple[np.ndarray, pd.DataFrame]]:
-    """``braid_ray.images.stages.evaluate_method`` for every method, each as a Ray task on its own GPU (or CPU
-    share), in parallel; the tasks read the reward and the fine-tuned weights from run.dir."""
+def evaluate_on_ray(cfg: Config, methods: list[str], evaluate: EvaluateMethod) -> list[tuple[np.ndarray, pd.DataFrame]]:
+    """``evaluate`` (the image stage's ``evaluate_method``) for every method, each as a Ray task on its own GPU (or
+    CPU share), in parallel; the tasks read the reward and the fine-tuned weights from run.dir."""
     cluster.init(cfg.ray, cfg.tracking.ray_logs)
     check_storage(cfg.ray, cfg.run.dir)
     task = ray.remote(**_resources(cfg))(_evaluate_task)
-    return ray.get([task.remote(cfg.to_dict(), m) for m in methods])
+    return ray.get([task.remote(evaluate, cfg.to_dict(), m) for m in methods])

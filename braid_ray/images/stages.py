@@ -269,7 +269,7 @@ def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str,
     if cfg.ray.num_workers > 0 and cfg.ray.use_gpu:
         from braid_ray.distributed.image_data import evaluate_on_ray
 
-        results = evaluate_on_ray(cfg, methods)
+        results = evaluate_on_ray(cfg, methods, evaluate_method)
     else:
         device = resolve_device(cfg.run.device)
         results = [evaluate_method(cfg, m, device) for m in methods]

@@ -276,7 +276,7 @@ def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upst
     seconds = time.perf_counter() - start
     stage.write_parquet("history.parquet", pd.DataFrame(history))
     c = cfg.finetune
-    outcome = run_summary(history, c.alpha, c.steps, (c.plateau_window, c.plateau_tol))
+    outcome = run_summary(history, c.alpha, (c.plateau_window, c.plateau_tol))
     stage.write_json("summary.json", {"method": method, "seconds": seconds, **outcome,
                                       "final": history[-1] if history else {}})
     stage.write_yaml("config.yaml", cfg.to_dict())

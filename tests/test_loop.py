@@ -156,6 +156,6 @@ def test_the_run_summary_puts_alpha_kl_beside_the_reward_gain() -> None:
 
     history = [{"objective": 0.0, "kl": 0.0, "kl_early": 0.0},
                {"objective": 0.9, "kl": 100.0, "kl_early": 60.0}]
-    out = run_summary(history, alpha=1e-3, steps=2, plateau=(1, 0.0))
+    out = run_summary(history, alpha=1e-3, plateau=(1, 0.0))
     assert out["reward_gain_z"] == pytest.approx(1.0) and out["alpha_kl_z"] == pytest.approx(0.1)
     assert out["alpha_kl_share"] == pytest.approx(0.1) and out["kl_early"] == 60.0 and out["steps_run"] == 2

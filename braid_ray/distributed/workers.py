@@ -189,11 +189,3 @@ def local_dir(checkpoint: Checkpoint) -> Iterator[Path]:
         yield Path(checkpoint.to_directory(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def checkpoint_copy(checkpoint: Checkpoint, dest: Path) -> Path:
-    """A lasting local copy of a reported checkpoint in ``dest`` (for callers that read it after the run)."""
-    with local_dir(checkpoint) as d:
-        if d != dest:
-            shutil.copytree(d, dest, dirs_exist_ok=True)
-    return dest

@@ -110,7 +110,7 @@ def drive(tuner: Steppable, steps: int, *, sinks: list[Sink], save: Save | None 
     return history
 
 
-def run_summary(history: list[dict], alpha: float, steps: int, plateau: tuple[int, float] = (0, 0.0)) -> dict:
+def run_summary(history: list[dict], alpha: float, plateau: tuple[int, float] = (0, 0.0)) -> dict:
     """What a finished fine-tuning run says about BRAID's objective: how far the conservative reward moved and
     what that cost in KL. alpha must bind: ``alpha_kl`` (z-units) beside ``reward_gain`` (z-units; the
     conservative reward (r_hat - g_hat) / std_y, mean of the last ``window`` steps minus the first step). If
@@ -134,15 +134,13 @@ def run_summary(history: list[dict], alpha: float, steps: int, plateau: tuple[in
 
 class ProgressSink:
     """The user's view of a fine-tuning run: a progress bar on a terminal, a line every ``every`` steps
-    otherwise (and always at the last step). Silent on ranks other than 0."""
+    otherwise (and always at the last step). Only rank 0 gets one (``tracking_sinks``)."""
 
-    def __init__(self, what: str, steps: int, every: int, enabled: bool = True, bar: bool | None = None):
-        self.what, self.steps, self.every, self.enabled = what, steps, max(1, every), enabled
+    def __init__(self, what: str, steps: int, every: int, bar: bool | None = None):
+        self.what, self.steps, self.every = what, steps, max(1, every)
         self.bar = sys.stderr.isatty() if bar is None else bar
 
     def report(self, metrics: dict[str, float], save: Save | None) -> None:
-        if not self.enabled:
-            return
         step = int(metrics["step"])
         text = (f"{self.what} step {step}/{self.steps}: r_hat {metrics['r_hat']:.4f} g_hat {metrics['g_hat']:.4f} "
                 f"KL {metrics['kl']:.4f} objective {metrics['objective']:.4f} "

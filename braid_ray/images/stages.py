@@ -200,7 +200,7 @@ def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, st
             run.stage(f"finetune/{method}/lora").write_bytes(LORA_WEIGHT_NAME, blob)
     stage.write_parquet("history.parquet", history)
     ft = cfg.finetune
-    outcome = run_summary(rows, ft.alpha, ft.steps, (ft.plateau_window, ft.plateau_tol))
+    outcome = run_summary(rows, ft.alpha, (ft.plateau_window, ft.plateau_tol))
     seconds = time.perf_counter() - start
     stage.write_json("summary.json", {"method": method, "seconds": seconds, **outcome,
                                       "final": history.iloc[-1].to_dict() if len(history) else {}})

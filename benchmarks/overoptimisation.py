@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from braid_ray.baselines.grad import gradient_ascent  # noqa: E402
 from braid_ray.config import Config, load_config  # noqa: E402
+from braid_ray.oracles.kmer import spearman  # noqa: E402
 from braid_ray.reward.conservative import ConservativeReward, checkpoint_extra  # noqa: E402
 from braid_ray.reward.fit import assemble, reward_data, score  # noqa: E402
 from braid_ray.rundir import RunDir  # noqa: E402
@@ -131,11 +132,6 @@ def base4_index(codes: np.ndarray) -> np.ndarray:
     return codes.astype(np.int64) @ 4 ** np.arange(codes.shape[1] - 1, -1, -1)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
-    return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
-
-
 def design_metrics(objective: np.ndarray, y: np.ndarray, in_off: np.ndarray, tops: tuple[int, ...] = TOPS) -> dict:
     """What maximising ``objective`` (N,) over every design buys under the oracle ``y`` (N,).
 
@@ -143,7 +139,7 @@ def design_metrics(objective: np.ndarray, y: np.ndarray, in_off: np.ndarray, top
     """
     order = np.argsort(-objective, kind="stable")
     out = {"argmax_oracle": float(y[order[0]]), "argmax_in_off": bool(in_off[order[0]]),
-           "spearman_all": _spearman(objective, y)}
+           "spearman_all": spearman(objective, y)}
     for k in tops:
         out[f"top{k}_median"] = float(np.median(y[order[:k]]))
         out[f"top{k}_share_in_off"] = float(in_off[order[:k]].mean())

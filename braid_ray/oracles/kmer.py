@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
@@ -52,17 +53,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def rankdata(a: np.ndarray) -> np.ndarray:
     """Ranks 1..n, ties averaged (as scipy.stats.rankdata's default)."""
-    a = np.asarray(a, np.float64)
-    order = np.argsort(a, kind="stable")
-    sorted_a = a[order]
-    first = np.r_[True, sorted_a[1:] != sorted_a[:-1]]
-    group = np.cumsum(first) - 1
-    starts = np.flatnonzero(first)
-    ends = np.r_[starts[1:], a.size]
-    mean_rank = (starts + ends + 1) / 2.0  # mean of the 1-based ranks start+1 .. end
-    out = np.empty(a.size)
-    out[order] = mean_rank[group]
-    return out
+    return pd.Series(np.asarray(a, np.float64)).rank(method="average").to_numpy()
 
 
 def kmer_ids(codes: np.ndarray, k: int) -> np.ndarray:

@@ -32,13 +32,14 @@ import torch
 
 from braid_ray import pipeline
 from braid_ray.config import load_config
+from braid_ray.methods import METHODS
 from braid_ray.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality_v2"
 PRESETS = {"tfbind8": ROOT / "configs" / "tfbind8.yaml", "utr_mrl": ROOT / "configs" / "utr_mrl.yaml"}
 UPSTREAM = ("data", "oracle", "reward", "pretrain")
-LABELS = {"strl": "STRL", "braid_boot": "BRAID-Boot", "braid_bonus": "BRAID-Bonus", "braid_lcb": "BRAID-LCB"}
+LABELS = {name: m.label for name, m in METHODS.items()}
 
 log = logging.getLogger("quality")
 

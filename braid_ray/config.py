@@ -423,7 +423,7 @@ def validate(cfg: Config) -> None:
     _check(df.lr > 0, "diffusion.lr", df.lr, "a positive learning rate")
     _check(df.data_noise >= 0, "diffusion.data_noise", df.data_noise, "a non-negative std")
     ft = cfg.finetune
-    from braid_ray.finetune.trainer import METHODS
+    from braid_ray.methods import METHODS
 
     for m in ft.methods:
         _check(m in METHODS, "finetune.methods", m, f"names from {sorted(METHODS)}")

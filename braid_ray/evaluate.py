@@ -35,7 +35,7 @@ from braid_ray.eval import (COLUMNS, ELBO_DATA_ROWS, HOMOPOLYMER_MIN_RUN, KMER_T
                             score_distributions, to_markdown, top_rows, training_curves, validity_metrics,
                             validity_rule, write_fasta, write_report)
 from braid_ray.finetune.run import load_pretrained, load_reward
-from braid_ray.finetune.trainer import METHODS
+from braid_ray.methods import METHODS, label
 from braid_ray.oracles import Oracle
 from braid_ray.oracles.agreement import method_agreement
 from braid_ray.reward.fit import score
@@ -45,7 +45,6 @@ from braid_ray.stages import DataResult
 log = logging.getLogger(__name__)
 
 GRAD = "Grad. (r_hat)"
-LABELS = {"strl": "STRL", "braid_boot": "BRAID-Boot", "braid_bonus": "BRAID-Bonus", "braid_lcb": "BRAID-LCB"}
 REF_RANDOM, REF_TOP, REF_POLY_T = "ref: uniform random", "ref: D top 1%", "ref: poly-T"
 REFERENCE_TOP_FRACTION = 0.01  # the "measured top 1% of D" reference row (eval.reference_top_fraction)
 UATG_TASKS = ("utr_mrl",)  # 5'UTR tasks: the table reports the mean uATG count (computed for every task)
@@ -124,16 +123,16 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
                                 active_steps=cfg.finetune.k if cfg.finetune.early_steps == "pretrained" else None)
         tuned.trainable.load_state_dict(load_safetensors(run.stage(f"finetune/{method}").read_bytes(
             "trainable.safetensors")))
-        label = LABELS[method]
-        codes[label], extra["onehot_distance"][label] = sample_codes(tuned, n, cfg.eval.batch_size, cfg.run.seed)
-        curves[label] = run.stage(f"finetune/{method}").read_parquet("history.parquet")
+        name = label(method)
+        codes[name], extra["onehot_distance"][name] = sample_codes(tuned, n, cfg.eval.batch_size, cfg.run.seed)
+        curves[name] = run.stage(f"finetune/{method}").read_parquet("history.parquet")
     scores = {name: oracle.score(c) for name, c in codes.items()}
     off_scores = oracle.score(off_codes)  # every offline design, scored like every design
     best_offline, worst_offline = float(off_scores.max()), float(off_scores.min())
     extra["r_hat"], extra["g_hat"] = {}, {}
     for method in methods:
-        r, g = score(reward, codes[LABELS[method]], METHODS[method])
-        extra["r_hat"][LABELS[method]], extra["g_hat"][LABELS[method]] = r, g
+        name = label(method)
+        extra["r_hat"][name], extra["g_hat"][name] = score(reward, codes[name], METHODS[method].penalty)
 
     # The 3-mer reference (D's measured top 0.1%) and the reference rows; their own stream, so the designs
     # above are the same as without them.

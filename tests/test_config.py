@@ -39,7 +39,7 @@ def test_overrides_parse_yaml_values_and_win_over_the_file() -> None:
     ("data.quantile=high", "data.quantile: got 'high', expected float or null"),
     ("run.seed=1.5", "run.seed: got 1.5, expected int"),
     ("run.overwrite=maybe", "run.overwrite: got 'maybe', expected bool"),
-    ("task.name=protein", "task.name: got 'protein', expected one of ['csv', 'dhs', 'tfbind8', 'utr_mrl']"),
+    ("task.name=protein", "task.name: got 'protein', expected one of ['csv', 'dhs', 'tfbind5', 'tfbind8', 'utr_mrl']"),
     ("task.subset=half", "task.subset: got 'half', expected 'full' | 'ci'"),
     ("oracle.kind=magic", "oracle.kind: got 'magic', expected one of"),
     ("oracle.epochs=0", "oracle.epochs: got 0, expected an integer >= 1"),

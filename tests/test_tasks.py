@@ -11,6 +11,7 @@ import pytest
 
 from braid_ray.config import load_config
 from braid_ray.data.encoding import decode, reverse_complement, to_index
+from braid_ray.config import TaskConfig
 from braid_ray.data.tasks import ASSETS, get_task
 
 SIX6 = ASSETS / "tfbind8_six6"
@@ -90,3 +91,15 @@ def test_dhs_label_is_signal_in_the_target_cell_type_only() -> None:
     assert (hepg2.y > 0).sum() == (k562.y > 0).sum() == 11_968
     assert not ((hepg2.y > 0) & (k562.y > 0)).any()
     assert hepg2.y.max() <= np.log1p(5715.8) + 1e-6
+
+
+def test_tfbind5_is_the_mean_of_each_prefix_over_the_8mer_table() -> None:
+    from braid_ray.data.encoding import to_index
+
+    d8 = get_task(TaskConfig(name="tfbind8")).load()
+    d5 = get_task(TaskConfig(name="tfbind5")).load()
+    assert d5.codes.shape == (1024, 5) and np.unique(to_index(d5.codes)).size == 1024
+    for row in (0, 417, 1023):  # a prefix's value is the mean of its 64 extensions
+        prefix = (d8.codes[:, :5] == d5.codes[row]).all(axis=1)
+        assert prefix.sum() == 64
+        assert d5.y[row] == pytest.approx(d8.y[prefix].mean(), rel=1e-12)

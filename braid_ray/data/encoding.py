@@ -114,3 +114,9 @@ def to_index(codes: np.ndarray) -> np.ndarray:
     codes = np.asarray(codes, dtype=np.int64)
     weights = 4 ** np.arange(codes.shape[1] - 1, -1, -1, dtype=np.int64)
     return codes @ weights
+
+
+def from_index(index: np.ndarray, length: int) -> np.ndarray:
+    """The inverse of to_index: base-4 integers (N,) -> int codes (N, length)."""
+    weights = 4 ** np.arange(length - 1, -1, -1, dtype=np.int64)
+    return (np.asarray(index, dtype=np.int64)[:, None] // weights) % 4

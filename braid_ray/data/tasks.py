@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from braid_ray.config import ConfigError, TaskConfig
-from braid_ray.data.encoding import Locator, encode, reverse_complement, to_index
+from braid_ray.data.encoding import Locator, encode, from_index, reverse_complement, to_index
 from braid_ray.data.tables import Labelled, check_file, labelled_from_frame, merge_duplicates, parse_labels, read_table
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -82,6 +82,17 @@ class TFBind8(Task):
         return Labelled(codes, y, str(path))
 
 
+class TFBind5(TFBind8):
+    """All 1,024 5-mers, y = the mean TFBind8 value of the 64 8-mers that begin with the 5-mer: a tiny task
+    whose exact oracle is the table itself, small enough to enumerate in milliseconds (tests, quick looks)."""
+
+    def load(self) -> Labelled:
+        d8 = super().load()
+        index = to_index(d8.codes[:, :5])
+        y = np.bincount(index, weights=d8.y, minlength=4**5) / np.bincount(index, minlength=4**5)
+        return Labelled(from_index(np.arange(4**5), 5).astype(d8.codes.dtype), y, f"{d8.source} (5-mer prefixes)")
+
+
 class UTRMeanRibosomeLoad(Task):
     """Sample et al. 2019 50-nt 5'UTRs with measured mean ribosome load (column rl)."""
 
@@ -120,6 +131,11 @@ def _tfbind8(c: TaskConfig) -> Task:
                    0.5, 0.0, "table", "TFBind8: all 8-mers, PBM binding E-score (SIX6_REF_R1 by default)", c)
 
 
+def _tfbind5(c: TaskConfig) -> Task:
+    return TFBind5("tfbind5", Path(c.path) if c.path else ASSETS / "tfbind8_six6" / "SIX6_REF_R1_8mers.txt",
+                   0.5, 0.0, "table", "TFBind5: all 5-mers, mean E-score of their 8-mer extensions (tiny, exact)", c)
+
+
 def _utr_mrl(c: TaskConfig) -> Task:
     bundled = "utr_mrl_ci_2k.csv" if c.subset == "ci" else "utr_mrl_egfp_unmod_1_top280k.csv.gz"
     return UTRMeanRibosomeLoad("utr_mrl", Path(c.path) if c.path else ASSETS / "utr_mrl_sample2019" / bundled,
@@ -137,7 +153,7 @@ def _csv(c: TaskConfig) -> Task:
                      f"user table {c.path} ({c.sequence_column} -> {c.label_column})", c)
 
 
-TASKS = {"tfbind8": _tfbind8, "utr_mrl": _utr_mrl, "dhs": _dhs, "csv": _csv}
+TASKS = {"tfbind8": _tfbind8, "tfbind5": _tfbind5, "utr_mrl": _utr_mrl, "dhs": _dhs, "csv": _csv}
 
 
 def validate_task_config(c: TaskConfig) -> None:
@@ -147,8 +163,8 @@ def validate_task_config(c: TaskConfig) -> None:
         for key in ("path", "sequence_column", "label_column"):
             if not getattr(c, key):
                 raise ConfigError(f"task.{key}: required for task.name=csv (the table and its columns)")
-    if c.name == "tfbind8" and (c.max_rows is not None or c.length not in (None, 8)):
-        raise ConfigError("task.max_rows / task.length: tfbind8 always reads the whole 8-mer table "
+    if c.name in ("tfbind8", "tfbind5") and (c.max_rows is not None or c.length not in (None, 8)):
+        raise ConfigError(f"task.max_rows / task.length: {c.name} always reads the whole 8-mer table "
                           "(its exact oracle needs every 8-mer); leave them null")
     if c.length is not None and c.length < 1:
         raise ConfigError(f"task.length: got {c.length!r}, expected a positive number of nucleotides or null")

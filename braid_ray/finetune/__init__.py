@@ -1,5 +1,5 @@
 """BRAID fine-tuning: the KL-regularised objective and the training loop."""
 
-from braid_ray.finetune.trainer import METHODS, FineTuner, StepMetrics
+from braid_ray.finetune.trainer import FineTuner, StepMetrics
 
-__all__ = ["METHODS", "FineTuner", "StepMetrics"]
+__all__ = ["FineTuner", "StepMetrics"]

@@ -15,7 +15,8 @@ from safetensors.torch import save as save_safetensors
 from braid_ray.config import Config
 from braid_ray.diffusion.pretrain import build_backbone, build_denoiser
 from braid_ray.diffusion.sampler import FineTunedPolicy
-from braid_ray.finetune.trainer import METHODS, FineTuner, Monitor
+from braid_ray.finetune.trainer import FineTuner, Monitor
+from braid_ray.methods import METHODS
 from braid_ray.reward.conservative import ConservativeReward
 from braid_ray.rundir import RunDir
 
@@ -60,7 +61,7 @@ def build_finetuner(cfg: Config, job: FinetuneJob, seed: int, device: torch.devi
         policy = FineTunedPolicy(backbone, load_pretrained(cfg, job.run_dir, job.length, device), ft.parameterization,
                                  active_steps=ft.k if ft.early_steps == "pretrained" else None)
     policy = policy.to(device)
-    reward = load_reward(job.run_dir, METHODS[job.method], ft.strength, device)
+    reward = load_reward(job.run_dir, METHODS[job.method].penalty, ft.strength, device)
 
     def reward_fn(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reward(backbone.reward_input(x0))

@@ -14,9 +14,6 @@ import torch
 
 from braid_ray.diffusion.sampler import FineTunedPolicy, Rollout, early_kl, rollout
 
-# method name -> penalty mode of the ConservativeReward
-METHODS = {"strl": "none", "braid_boot": "min", "braid_bonus": "bonus", "braid_lcb": "lcb"}
-
 # x0 (B, L, 4) -> (r_hat, g_hat), each (B,), differentiable in x0.
 RewardFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # hard designs, codes (n, L) -> oracle scores (n,): monitoring only, never part of the objective.

@@ -19,9 +19,8 @@ import torch  # noqa: E402
 from braid_ray.images.aesthetic import ImageReward, to_uint8  # noqa: E402
 from braid_ray.images.prompts import prompt_set  # noqa: E402
 from braid_ray.images.sampler import ImagePolicy, image_rollout  # noqa: E402
+from braid_ray.methods import label  # noqa: E402
 
-LABELS = {"pretrained": "Pretrained", "strl": "STRL", "braid_boot": "BRAID-Boot", "braid_bonus": "BRAID-Bonus",
-          "braid_lcb": "BRAID-LCB"}
 
 
 @torch.inference_mode()
@@ -78,7 +77,7 @@ def reward_vs_oracle(histories: dict[str, pd.DataFrame], path: str | Path) -> Pa
         ax.plot(h["step"], h["r_hat"], label="r_hat (learned reward)", color="tab:blue")
         ax.plot(h["step"], h["r_hat"] - h["g_hat"], label="r_hat - g_hat", color="tab:blue", linestyle="--")
         ax.plot(h["step"], h["oracle"], label="oracle (LAION)", color="tab:red")
-        ax.set_title(LABELS.get(method, method))
+        ax.set_title(label(method))
         ax.set_xlabel("fine-tuning step")
     axes[0][0].set_ylabel("aesthetic score")
     axes[0][-1].legend(fontsize=8, loc="best")
@@ -102,7 +101,7 @@ def summary_table(samples: pd.DataFrame, best_offline: float) -> pd.DataFrame:
     rows = []
     for method, s in samples.groupby("method", sort=False):
         o = s["oracle"].to_numpy()
-        rows.append({"method": LABELS.get(method, method), "images": len(o), "oracle_median": float(np.median(o)),
+        rows.append({"method": label(method), "images": len(o), "oracle_median": float(np.median(o)),
                      "oracle_mean": float(o.mean()), "oracle_p90": float(np.quantile(o, 0.9)),
                      "oracle_max": float(o.max()), "above_best_offline": float((o > best_offline).mean()),
                      "r_hat": float(s["r_hat"].mean()), "g_hat": float(s["g_hat"].mean())})

@@ -17,7 +17,8 @@ from peft import LoraConfig
 from torch import nn
 
 from braid_ray.config import Config
-from braid_ray.finetune.trainer import METHODS, FineTuner, StepMetrics
+from braid_ray.finetune.trainer import FineTuner, StepMetrics
+from braid_ray.methods import METHODS
 from braid_ray.images.aesthetic import ClipEmbedder, ImageReward, laion_head, load_image_encoder
 from braid_ray.images.components import DTYPES, load_components
 from braid_ray.images.prompts import sample_prompts
@@ -63,7 +64,7 @@ def build_policy(cfg: Config, device: torch.device) -> ImagePolicy:
 def load_image_reward(cfg: Config, reward_bytes: bytes, method: str, device: torch.device) -> ImageReward:
     """CLIP embedder + the conservative heads under ``method``'s penalty + the oracle head (monitoring only)."""
     embedder = ClipEmbedder(load_image_encoder(cfg.image.clip_model).to(device, DTYPES[cfg.image.frozen_dtype]))
-    heads = ConservativeReward.from_bytes(reward_bytes, penalty=METHODS[method], strength=cfg.finetune.strength)
+    heads = ConservativeReward.from_bytes(reward_bytes, penalty=METHODS[method].penalty, strength=cfg.finetune.strength)
     return ImageReward(embedder, heads, laion_head(cfg.image.oracle)).to(device)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from braid_ray.config import ConfigError
+from braid_ray.methods import METHODS
 from braid_ray.images.zero import ZERO_STAGES
 
 if TYPE_CHECKING:
     from braid_ray.config import Config
 
-IMAGE_METHODS = ("strl", "braid_boot", "braid_bonus", "braid_lcb")
 DEFAULT_QUANTILE = 0.5  # D_off = offline images below the median oracle score, unless data.quantile says otherwise
 
 
@@ -44,7 +44,8 @@ def validate_image_sections(cfg: Config) -> None:
     _check(im.prompts in PROMPT_SETS, "image.prompts", im.prompts, f"one of {sorted(PROMPT_SETS)}")
     _check(im.oracle in LAION_HEADS, "image.oracle", im.oracle, f"one of {sorted(LAION_HEADS)}")
     for m in cfg.finetune.methods:
-        _check(m in IMAGE_METHODS, "finetune.methods", m, f"names from {list(IMAGE_METHODS)}")
+        image_methods = [n for n, meth in METHODS.items() if "image" in meth.domains]
+        _check(m in image_methods, "finetune.methods", m, f"names from {image_methods}")
     _check(cfg.eval.n_samples >= 2, "eval.n_samples", cfg.eval.n_samples, "an integer >= 2")
     _check(im.offline_images >= 10 or im.offline_table is not None, "image.offline_images", im.offline_images,
            "at least 10 images (D_off and the reward's held-out rows are cut from them)")

@@ -27,7 +27,7 @@ from braid_ray.config import Config
 from braid_ray.devices import resolve_device
 from braid_ray.eval.plots import score_distributions
 from braid_ray.finetune.loop import drive, run_summary, tracking_sinks
-from braid_ray.finetune.trainer import METHODS
+from braid_ray.methods import METHODS, label
 from braid_ray.images import evaluate as ev
 from braid_ray.images.export import LORA_WEIGHT_NAME, lora_only, save_lora_for_diffusers, unet_weights
 from braid_ray.images.finetune import ImageFineTuner, build_policy, load_image_reward
@@ -281,8 +281,8 @@ def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str,
     samples = pd.concat(frames, ignore_index=True)
     table = ev.summary_table(samples, summary["best_offline_oracle"])
     with tempfile.TemporaryDirectory() as tmp:
-        files = [ev.sample_grid(p, s, ev.LABELS[m], Path(tmp) / f"grid_{m}.png") for m, (p, s) in grids.items()]
-        by_method = {ev.LABELS[m]: s["oracle"].to_numpy() for m, s in samples.groupby("method", sort=False)}
+        files = [ev.sample_grid(p, s, label(m), Path(tmp) / f"grid_{m}.png") for m, (p, s) in grids.items()]
+        by_method = {label(m): s["oracle"].to_numpy() for m, s in samples.groupby("method", sort=False)}
         files.append(score_distributions(by_method, summary["best_offline_oracle"], Path(tmp) / "scores.png",
                                          f"oracle ({cfg.image.oracle}) scores, {cfg.eval.n_samples} images per method",
                                          ylabel="aesthetic score"))

@@ -25,7 +25,8 @@ from braid_ray.eval import distinct
 from braid_ray.evaluate import sample_codes
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_reward, load_trainer_state, trainer_state_files
 from braid_ray.finetune.loop import Save, drive
-from braid_ray.finetune.trainer import METHODS, FineTuner
+from braid_ray.finetune.trainer import FineTuner
+from braid_ray.methods import METHODS
 from braid_ray.oracles import Oracle
 from braid_ray.reward.fit import score
 from braid_ray.rundir import RunDir
@@ -65,7 +66,7 @@ def spend_budget(tuner: FineTuner, cfg: Config, run_dir: str, method: str, oracl
     codes, _ = sample_codes(policy, budget, budget, cfg.run.seed)  # on the CPU: the same designs on any device
     oracle_scores = oracle.score(codes)
     assert oracle_scores.shape == (budget,)
-    penalty = METHODS[method]
+    penalty = METHODS[method].penalty
     r_hat, g_hat = score(load_reward(run_dir, penalty, cfg.finetune.strength), codes, penalty)
     return {METRIC: float(np.mean(oracle_scores)), "oracle_std": float(np.std(oracle_scores)),
             "oracle_max": float(np.max(oracle_scores)), "oracle_queries": int(budget),

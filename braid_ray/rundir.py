@@ -10,14 +10,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
+
+if TYPE_CHECKING:
+    from braid_ray.config import Config
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 STAGE_FILE = "stage.json"
 PENDING_FILE = "stage.pending.json"
@@ -30,6 +38,21 @@ class StageConflict(RuntimeError):
 def fingerprint(obj: Any) -> str:
     """A stable hash of a JSON-able object (config sections, upstream fingerprints, file hashes)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_record(cfg: Config, sections: Iterable[str] = (), upstream: dict[str, str] | None = None,
+                 drop: Iterable[str] = (), **inputs: Any) -> dict[str, Any]:
+    """What identifies a stage's result, one rule for every stage of both domains: the config ``sections`` it
+    reads (less the keys in ``drop``, which only change how it runs or what it logs), the fingerprints of the
+    stages it reads (``upstream``), the seed, and any other inputs by name (resolved settings, file hashes).
+    Where it runs (``ray``, ``run.device``, ``tracking``: workers, devices, logging) is never part of it."""
+    drop = set(drop)
+    record: dict[str, Any] = {s: {k: v for k, v in cfg.section(s)[s].items() if k not in drop} for s in sections}
+    record.update(inputs)
+    if upstream is not None:
+        record["upstream"] = upstream
+    record["seed"] = cfg.run.seed
+    return record
 
 
 def file_sha256(path: str | Path) -> str:
@@ -126,6 +149,20 @@ class Stage:
         return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pandas()
 
     # ---- reuse bookkeeping
+    def once(self, record: dict[str, Any], cfg: Config, make: Callable[[], T], reuse: Callable[[], T]) -> T:
+        """The stage's work, done once per ``record`` (see :func:`stage_record`): ``reuse()`` when a finished
+        stage has the same record; otherwise ``make()``, which writes the stage's files (and may resume from an
+        interrupted run's leftovers), then the run's ``config.yaml`` and the record (``stage.json``), last, so a
+        crash never leaves a stage that looks finished. Another record is a :class:`StageConflict` unless
+        ``run.overwrite`` is set."""
+        if self.begin(record, cfg.run.overwrite):
+            log.info("%s: reusing %s/%s (config and inputs unchanged)", self.name, self.run.uri, self.name)
+            return reuse()
+        result = make()
+        self.write_yaml("config.yaml", cfg.to_dict())
+        self.finish(record)
+        return result
+
     def begin(self, record: dict[str, Any], overwrite: bool) -> bool:
         """Start the stage for ``record`` (its config and inputs). Returns True if a finished stage with
         the same record can be reused. Leftovers of an interrupted run with the same record are kept

@@ -27,7 +27,7 @@ from braid_ray.data.tasks import Task, get_task
 from braid_ray.devices import resolve_device
 from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrain
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, trainer_state_files
-from braid_ray.finetune.loop import Save, drive, run_summary, tracking_sinks
+from braid_ray.finetune.loop import FINETUNE_RUN_KEYS, Save, drive, tracking_sinks, write_finetune_summary
 from braid_ray.finetune.trainer import Monitor
 from braid_ray.oracles import SECONDARY, Oracle, build_oracles
 from braid_ray.reward.conservative import ConservativeReward
@@ -35,7 +35,7 @@ from braid_ray.reward.fit import (RewardData, assemble, calibration, calibration
                                   train_spec)
 from braid_ray.reward.stacked import StackedNet
 from braid_ray.reward.train import train_members
-from braid_ray.rundir import RunDir, Stage, file_sha256, fingerprint
+from braid_ray.rundir import RunDir, Stage, file_sha256, fingerprint, stage_record
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,10 @@ def data_stage(cfg: Config, run: RunDir) -> DataResult:
     params = _resolved_data(cfg, task)
     # Inputs by file name and content, not path: under `ray job submit` the bundled tables live in the job's
     # working_dir, whose path changes with every submission (a user table's path is in the task section).
-    record = {"task": cfg.section("task")["task"], "data": params, "seed": cfg.run.seed,
-              "inputs": {p.name: file_sha256(p) for p in task.input_files()}}
+    record = stage_record(cfg, ["task"], data=params, inputs={p.name: file_sha256(p) for p in task.input_files()})
     stage = run.stage("data")
-    if stage.begin(record, cfg.run.overwrite):
-        log.info("data: reusing %s/data (config and inputs unchanged)", run.uri)
+
+    def reuse() -> DataResult:
         frame = stage.read_parquet("d.parquet")
         d = Labelled(encode_strings(frame["sequence"].tolist()), frame["y"].to_numpy(np.float64), task.name)
         split = frame["split"].to_numpy()
@@ -78,44 +77,46 @@ def data_stage(cfg: Config, run: RunDir) -> DataResult:
                         params["oracle_fraction"])
         return DataResult(task, d, splits, summary, fingerprint(record))
 
-    log.info("data: reading %s", task.description)
-    d = task.load()
-    splits = offline_splits(d, params["oracle_fraction"], params["quantile"], cfg.run.seed)
-    summary = {"task": task.name, "description": task.description, **summarize(d, splits)}
-    split = np.full(len(d), "above", dtype=object)
-    split[splits.ora] = "ora"
-    split[splits.off] = "off"
-    frame = pd.DataFrame({"row": np.arange(len(d)), "sequence": decode(d.codes), "y": d.y, "split": split})
-    stage.write_parquet("d.parquet", frame)
-    stage.write_parquet("d_ora.parquet", frame.iloc[splits.ora, :3])
-    stage.write_parquet("d_0.parquet", frame.iloc[splits.zero, :3])
-    stage.write_parquet("d_off.parquet", frame.iloc[splits.off, :3])
-    stage.write_json("summary.json", summary)
-    stage.write_yaml("config.yaml", cfg.to_dict())
-    stage.finish(record)
-    return DataResult(task, d, splits, summary, fingerprint(record))
+    def make() -> DataResult:
+        log.info("data: reading %s", task.description)
+        d = task.load()
+        splits = offline_splits(d, params["oracle_fraction"], params["quantile"], cfg.run.seed)
+        summary = {"task": task.name, "description": task.description, **summarize(d, splits)}
+        split = np.full(len(d), "above", dtype=object)
+        split[splits.ora] = "ora"
+        split[splits.off] = "off"
+        frame = pd.DataFrame({"row": np.arange(len(d)), "sequence": decode(d.codes), "y": d.y, "split": split})
+        stage.write_parquet("d.parquet", frame)
+        stage.write_parquet("d_ora.parquet", frame.iloc[splits.ora, :3])
+        stage.write_parquet("d_0.parquet", frame.iloc[splits.zero, :3])
+        stage.write_parquet("d_off.parquet", frame.iloc[splits.off, :3])
+        stage.write_json("summary.json", summary)
+        return DataResult(task, d, splits, summary, fingerprint(record))
+
+    return stage.once(record, cfg, make, reuse)
 
 
 def oracle_stage(cfg: Config, run: RunDir, data: DataResult) -> Oracle:
-    """The task's evaluation oracle; a trained one is fitted on D_ora once and cached."""
+    """The task's evaluation oracle; a trained one is fitted on D_ora once and cached in the stage."""
     kind = cfg.oracle.kind or data.task.default_oracle
     second = SECONDARY.get(kind) if cfg.oracle.secondary == "auto" else cfg.oracle.secondary
     trained = kind == "trained_cnn" or second in ("trained_cnn", "kmer_ridge")
-    record = {"kind": kind, "data": data.fingerprint, "seed": cfg.run.seed,
-              "oracle": cfg.section("oracle")["oracle"] if trained else {}}
-    if second is not None:
-        record["secondary"] = second
+    record = stage_record(cfg, ["oracle"] if trained else [], {"data": data.fingerprint}, kind=kind,
+                          secondary=second)
     stage = run.stage("oracle")
-    reused = stage.begin(record, cfg.run.overwrite)
-    if not reused and kind == "trained_cnn":
-        log.info("oracle: training a CNN on D_ora (%d rows)", data.splits.ora.size)
-    oracle = build_oracles(data.task, data.d, data.splits, cfg.oracle, cfg.run.seed, stage, kind,
-                           cfg.oracle.secondary)
-    if not reused:
+
+    def build() -> Oracle:
+        return build_oracles(data.task, data.d, data.splits, cfg.oracle, cfg.run.seed, stage, kind,
+                             cfg.oracle.secondary)
+
+    def make() -> Oracle:
+        if kind == "trained_cnn":
+            log.info("oracle: training a CNN on D_ora (%d rows)", data.splits.ora.size)
+        oracle = build()
         stage.write_json("info.json", {**oracle.info, "oracles": oracle.summary})
-        stage.write_yaml("config.yaml", cfg.to_dict())
-        stage.finish(record)
-    return oracle
+        return oracle
+
+    return stage.once(record, cfg, make, build)
 
 
 # A function that trains every reward member: (config, reward data) -> (stacked net, per-member metrics).
@@ -142,29 +143,29 @@ def calibration_sets(data: DataResult, rd: RewardData) -> dict[str, tuple[np.nda
 def reward_stage(cfg: Config, run: RunDir, data: DataResult, trainer: MemberTrainer = train_in_process
                  ) -> ConservativeReward:
     """Train the ensemble on D_off, assemble the conservative reward, write it with its calibration report."""
-    record = {"reward": cfg.section("reward")["reward"], "data": data.fingerprint, "seed": cfg.run.seed}
     stage = run.stage("reward")
-    if stage.begin(record, cfg.run.overwrite):
-        log.info("reward: reusing %s/reward (config and data unchanged)", run.uri)
-        return ConservativeReward.from_bytes(stage.read_bytes("reward.safetensors"))
-    s = data.splits
-    rd = reward_data(data.d.codes[s.off], data.d.y[s.off], cfg.reward.holdout_fraction, cfg.run.seed)
-    log.info("reward: training %d members on %d D_off rows (%d held out for calibration)", cfg.reward.members,
-             len(rd.codes), rd.holdout.size)
-    start = time.perf_counter()
-    net, metrics = trainer(cfg, rd)
-    train_seconds = time.perf_counter() - start
-    reward = assemble(net, rd, cfg.reward)
-    stage.write_bytes("reward.safetensors", reward.to_bytes({"members": metrics, "train_seconds": train_seconds,
-                                                            "config": cfg.to_dict()}))
-    report = calibration(reward, calibration_sets(data, rd), data.d.codes[s.off][rd.holdout][:1000], cfg.run.seed)
-    stage.write_json("calibration.json", report)
-    stage.write_text("calibration.md", f"# Reward calibration ({data.task.name})\n\n" + calibration_markdown(report))
-    stage.write_json("members.json", {"train_seconds": train_seconds, "members": metrics})
-    stage.write_yaml("config.yaml", cfg.to_dict())
-    stage.finish(record)
-    log.info("reward: %d members trained in %.1f s", cfg.reward.members, train_seconds)
-    return reward
+
+    def make() -> ConservativeReward:
+        s = data.splits
+        rd = reward_data(data.d.codes[s.off], data.d.y[s.off], cfg.reward.holdout_fraction, cfg.run.seed)
+        log.info("reward: training %d members on %d D_off rows (%d held out for calibration)", cfg.reward.members,
+                 len(rd.codes), rd.holdout.size)
+        start = time.perf_counter()
+        net, metrics = trainer(cfg, rd)
+        train_seconds = time.perf_counter() - start
+        reward = assemble(net, rd, cfg.reward)
+        stage.write_bytes("reward.safetensors", reward.to_bytes({"members": metrics, "train_seconds": train_seconds,
+                                                                "config": cfg.to_dict()}))
+        report = calibration(reward, calibration_sets(data, rd), data.d.codes[s.off][rd.holdout][:1000],
+                             cfg.run.seed)
+        stage.write_json("calibration.json", report)
+        stage.write_text("calibration.md", f"# Reward calibration ({data.task.name})\n\n" + calibration_markdown(report))
+        stage.write_json("members.json", {"train_seconds": train_seconds, "members": metrics})
+        log.info("reward: %d members trained in %.1f s", cfg.reward.members, train_seconds)
+        return reward
+
+    return stage.once(stage_record(cfg, ["reward"], {"data": data.fingerprint}), cfg, make,
+                      lambda: ConservativeReward.from_bytes(stage.read_bytes("reward.safetensors")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,21 +188,20 @@ def pretrain_in_process(cfg: Config, codes: np.ndarray) -> tuple[dict, list[floa
 
 def pretrain_stage(cfg: Config, run: RunDir, data: DataResult, runner: PretrainRunner = pretrain_in_process) -> str:
     """Pretrain the diffusion model on every sequence of D (no labels); returns the stage fingerprint."""
-    record = {"diffusion": cfg.section("diffusion")["diffusion"], "data": data.fingerprint, "seed": cfg.run.seed}
+    record = stage_record(cfg, ["diffusion"], {"data": data.fingerprint})
     stage = run.stage("pretrain")
-    if stage.begin(record, cfg.run.overwrite):
-        log.info("pretrain: reusing %s/pretrain (config and data unchanged)", run.uri)
+
+    def make() -> str:
+        log.info("pretrain: %d sequences, T=%d, %d epochs", len(data.d), cfg.diffusion.steps, cfg.diffusion.epochs)
+        start = time.perf_counter()
+        state, losses = runner(cfg, data.d.codes)
+        stage.write_bytes("denoiser.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
+        seconds = time.perf_counter() - start
+        stage.write_json("losses.json", {"epoch_loss": losses, "seconds": seconds})
+        log.info("pretrain: done in %.1f s, final loss %.4f", seconds, losses[-1] if losses else float("nan"))
         return fingerprint(record)
-    log.info("pretrain: %d sequences, T=%d, %d epochs", len(data.d), cfg.diffusion.steps, cfg.diffusion.epochs)
-    start = time.perf_counter()
-    state, losses = runner(cfg, data.d.codes)
-    stage.write_bytes("denoiser.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
-    seconds = time.perf_counter() - start
-    stage.write_json("losses.json", {"epoch_loss": losses, "seconds": seconds})
-    stage.write_yaml("config.yaml", cfg.to_dict())
-    stage.finish(record)
-    log.info("pretrain: done in %.1f s, final loss %.4f", seconds, losses[-1] if losses else float("nan"))
-    return fingerprint(record)
+
+    return stage.once(record, cfg, make, lambda: fingerprint(record))
 
 
 def oracle_monitor(cfg: Config, run_dir: str) -> Monitor | None:
@@ -260,27 +260,17 @@ def finetune_in_process(cfg: Config, job: FinetuneJob, stage: Stage) -> tuple[di
 def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upstream: dict[str, str],
                    runner: FinetuneRunner = finetune_in_process) -> None:
     """Fine-tune the pretrained model with ``method``'s conservative reward; resumes an interrupted run."""
-    ft = {k: v for k, v in cfg.section("finetune")["finetune"].items() if k not in ("methods", "log_every")}
-    record = {"finetune": ft, "method": method, "diffusion": cfg.section("diffusion")["diffusion"],
-              "upstream": upstream, "seed": cfg.run.seed}
+    record = stage_record(cfg, ["finetune", "diffusion"], upstream, drop=FINETUNE_RUN_KEYS, method=method)
     stage = run.stage(f"finetune/{method}")
-    if stage.begin(record, cfg.run.overwrite):
-        log.info("fine-tune %s: reusing %s/finetune/%s", method, run.uri, method)
-        return
-    job = FinetuneJob(run.uri, method, data.d.length)
-    log.info("fine-tune %s: %d steps, batch %d, alpha %g, K=%d of T=%d", method, cfg.finetune.steps,
-             cfg.finetune.batch_size, cfg.finetune.alpha, cfg.finetune.k, cfg.diffusion.steps)
-    start = time.perf_counter()
-    state, history = runner(cfg, job, stage)
-    stage.write_bytes("trainable.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
-    seconds = time.perf_counter() - start
-    stage.write_parquet("history.parquet", pd.DataFrame(history))
-    c = cfg.finetune
-    outcome = run_summary(history, c.alpha, (c.plateau_window, c.plateau_tol))
-    stage.write_json("summary.json", {"method": method, "seconds": seconds, **outcome,
-                                      "final": history[-1] if history else {}})
-    stage.write_yaml("config.yaml", cfg.to_dict())
-    stage.finish(record)
-    log.info("fine-tune %s: done in %.1f s, %d steps (%s); conservative reward gain %+.3f z, alpha * KL %.3f z "
-             "(KL %.1f nats, %.1f of them before the last K)", method, seconds, outcome["steps_run"],
-             outcome["stopped"], outcome["reward_gain_z"], outcome["alpha_kl_z"], outcome["kl"], outcome["kl_early"])
+
+    def make() -> None:
+        job = FinetuneJob(run.uri, method, data.d.length)
+        log.info("fine-tune %s: %d steps, batch %d, alpha %g, K=%d of T=%d", method, cfg.finetune.steps,
+                 cfg.finetune.batch_size, cfg.finetune.alpha, cfg.finetune.k, cfg.diffusion.steps)
+        start = time.perf_counter()
+        state, history = runner(cfg, job, stage)
+        stage.write_bytes("trainable.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
+        stage.write_parquet("history.parquet", pd.DataFrame(history))
+        write_finetune_summary(cfg, stage, method, history, time.perf_counter() - start)
+
+    stage.once(record, cfg, make, lambda: None)

@@ -21,26 +21,31 @@ class Splits:
     oracle_fraction: float
 
 
-def offline_splits(d: Labelled, oracle_fraction: float, quantile: float, seed: int) -> Splits:
-    """Seeded random D_ora / D_0 split, then D_off = {i in D_0 : y_i < quantile_q(y over D_0)}.
-
-    Strictly below, so no row at the threshold (often tied on discrete scores) leaks into D_off.
-    """
-    if not 0.0 <= oracle_fraction < 1.0:
-        raise ValueError(f"oracle_fraction must be in [0, 1), got {oracle_fraction}")
+def below_quantile(y: np.ndarray, quantile: float, source: str, rows: str = "D") -> tuple[np.ndarray, float]:
+    """The offline rule of both domains: the rows strictly below the ``quantile`` of y (so no row at the
+    threshold, often tied on discrete scores, leaks in), as a mask, and the threshold."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    threshold = float(np.quantile(y, quantile))
+    below = y < threshold
+    if not below.any():
+        raise ValueError(f"{source}: no row of {rows} lies below the {quantile} quantile ({threshold:.4g}); "
+                         "the labels are too coarse for this quantile, choose a higher data.quantile")
+    return below, threshold
+
+
+def offline_splits(d: Labelled, oracle_fraction: float, quantile: float, seed: int) -> Splits:
+    """Seeded random D_ora / D_0 split, then D_off = {i in D_0 : y_i < quantile_q(y over D_0)}."""
+    if not 0.0 <= oracle_fraction < 1.0:
+        raise ValueError(f"oracle_fraction must be in [0, 1), got {oracle_fraction}")
     n = len(d)
     perm = np.random.default_rng(seed).permutation(n)
     n_ora = int(round(oracle_fraction * n))
     ora, zero = np.sort(perm[:n_ora]), np.sort(perm[n_ora:])
     if zero.size == 0:
         raise ValueError(f"{d.source}: D_0 is empty with oracle_fraction={oracle_fraction} on {n} rows")
-    threshold = float(np.quantile(d.y[zero], quantile))
-    off = zero[d.y[zero] < threshold]
-    if off.size == 0:
-        raise ValueError(f"{d.source}: no row of D_0 lies below the {quantile} quantile ({threshold:.4g}); "
-                         "the labels are too coarse for this quantile, choose a higher data.quantile")
+    below, threshold = below_quantile(d.y[zero], quantile, d.source, "D_0")
+    off = zero[below]
     return Splits(ora, zero, off, threshold, quantile, oracle_fraction)
 
 

@@ -21,7 +21,8 @@ from typing import Protocol
 
 import torch
 
-from braid_ray.config import TrackingConfig
+from braid_ray.config import Config, TrackingConfig
+from braid_ray.rundir import Stage
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,24 @@ def run_summary(history: list[dict], alpha: float, plateau: tuple[int, float] = 
     return {"steps_run": len(history), "stopped": "plateau" if plateaued(history, *plateau) else "step cap",
             "reward_gain_z": gain, "alpha_kl_z": alpha * kl, "kl": kl, "kl_early": mean("kl_early", tail),
             "alpha_kl_share": alpha * kl / gain if gain > 0 else math.nan, "objective": mean("objective", tail)}
+
+
+# finetune keys that change how a run is shown, not its result (left out of the stage record)
+FINETUNE_RUN_KEYS = ("methods", "log_every")
+
+
+def write_finetune_summary(cfg: Config, stage: Stage, method: str, history: list[dict], seconds: float) -> dict:
+    """The method's ``summary.json`` (run_summary of its history, with the run's time and last step), logged."""
+    ft = cfg.finetune
+    outcome = run_summary(history, ft.alpha, (ft.plateau_window, ft.plateau_tol))
+    stage.write_json("summary.json", {"method": method, "seconds": seconds, **outcome,
+                                      "final": history[-1] if history else {}})
+    if outcome:
+        log.info("fine-tune %s: done in %.1f s, %d steps (%s); conservative reward gain %+.3f z, alpha * KL %.3f z "
+                 "(KL %.1f nats, %.1f of them before the last K)", method, seconds, outcome["steps_run"],
+                 outcome["stopped"], outcome["reward_gain_z"], outcome["alpha_kl_z"], outcome["kl"],
+                 outcome["kl_early"])
+    return outcome
 
 
 class ProgressSink:

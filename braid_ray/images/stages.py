@@ -24,19 +24,20 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from braid_ray.config import Config
+from braid_ray.data.splits import below_quantile
 from braid_ray.devices import resolve_device
 from braid_ray.eval.plots import score_distributions
-from braid_ray.finetune.loop import drive, run_summary, tracking_sinks
-from braid_ray.methods import METHODS, label
+from braid_ray.finetune.loop import FINETUNE_RUN_KEYS, drive, tracking_sinks, write_finetune_summary
 from braid_ray.images import evaluate as ev
 from braid_ray.images.export import LORA_WEIGHT_NAME, lora_only, save_lora_for_diffusers, unet_weights
 from braid_ray.images.finetune import ImageFineTuner, build_policy, load_image_reward
 from braid_ray.images.heads import fit_reward_heads
 from braid_ray.images.offline import EmbedBatch, SampleBatch, offline_requests, pretrained_policy, run_in_process
 from braid_ray.images.settings import DEFAULT_QUANTILE
-from braid_ray.reward.conservative import ConservativeReward
+from braid_ray.methods import METHODS, label
+from braid_ray.reward.conservative import PENALTIES, ConservativeReward
 from braid_ray.reward.fit import score
-from braid_ray.rundir import RunDir, file_sha256, fingerprint
+from braid_ray.rundir import RunDir, file_sha256, fingerprint, stage_record
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +61,29 @@ def offline_stage(cfg: Config, run: RunDir) -> tuple[pd.DataFrame, dict, str]:
     keys = ("model", "revision", "clip_model", "oracle", "resolution", "prompts", "guidance_scale", "offline_images",
             "offline_table", "image_column", "score_column", "label_noise",
             "embed_batch_size")  # a sampling batch shares one generator
-    record = {"image": {k: getattr(im, k) for k in keys}, "diffusion": {"steps": cfg.diffusion.steps,
-              "eta": cfg.diffusion.eta}, "quantile": q, "seed": cfg.run.seed,
-              "inputs": {Path(im.offline_table).name: file_sha256(im.offline_table)} if im.offline_table else {}}
+    record = stage_record(cfg, image={k: getattr(im, k) for k in keys},
+                          diffusion={"steps": cfg.diffusion.steps, "eta": cfg.diffusion.eta}, quantile=q,
+                          inputs={Path(im.offline_table).name: file_sha256(im.offline_table)} if im.offline_table
+                          else {})
     stage = run.stage("data")
-    if stage.begin(record, cfg.run.overwrite):
-        log.info("data: reusing %s/data", run.uri)
-        return stage.read_parquet("d.parquet"), stage.read_json("summary.json"), fingerprint(record)
-    start = time.perf_counter()
-    frame = _user_table(cfg, run) if im.offline_table else _sampled_table(cfg, run)
-    y = frame["y"].to_numpy()
-    threshold = float(np.quantile(y, q))
-    frame["split"] = np.where(y < threshold, "off", "above")
-    off = frame["split"] == "off"
-    summary = {"rows": {"D": len(frame), "D_off": int(off.sum())}, "quantile": q, "threshold": threshold,
-               "best_offline_y": float(y[off].max()), "best_offline_oracle": float(frame["oracle"][off].max()),
-               "oracle_mean": float(frame["oracle"].mean()), "source": im.offline_table or "pretrained samples",
-               "seconds": time.perf_counter() - start}
-    stage.write_parquet("d.parquet", frame.assign(embedding=[e.tolist() for e in frame["embedding"]]))
-    stage.write_json("summary.json", summary)
-    stage.write_yaml("config.yaml", cfg.to_dict())
-    stage.finish(record)
-    log.info("data: %d images, D_off %d (y < %.4f), in %.1f s", len(frame), off.sum(), threshold, summary["seconds"])
-    return stage.read_parquet("d.parquet"), summary, fingerprint(record)
+
+    def make() -> None:
+        start = time.perf_counter()
+        frame = _user_table(cfg, run) if im.offline_table else _sampled_table(cfg, run)
+        y = frame["y"].to_numpy()
+        off, threshold = below_quantile(y, q, f"{run.uri}/data")
+        frame["split"] = np.where(off, "off", "above")
+        summary = {"rows": {"D": len(frame), "D_off": int(off.sum())}, "quantile": q, "threshold": threshold,
+                   "best_offline_y": float(y[off].max()), "best_offline_oracle": float(frame["oracle"][off].max()),
+                   "oracle_mean": float(frame["oracle"].mean()), "source": im.offline_table or "pretrained samples",
+                   "seconds": time.perf_counter() - start}
+        stage.write_parquet("d.parquet", frame.assign(embedding=[e.tolist() for e in frame["embedding"]]))
+        stage.write_json("summary.json", summary)
+        log.info("data: %d images, D_off %d (y < %.4f), in %.1f s", len(frame), off.sum(), threshold,
+                 summary["seconds"])
+
+    stage.once(record, cfg, make, lambda: None)
+    return stage.read_parquet("d.parquet"), stage.read_json("summary.json"), fingerprint(record)
 
 
 def _sampled_table(cfg: Config, run: RunDir) -> pd.DataFrame:
@@ -131,31 +132,31 @@ def _frame(columns: dict[str, np.ndarray]) -> pd.DataFrame:
 
 def reward_stage(cfg: Config, run: RunDir, data: pd.DataFrame, data_fp: str) -> ConservativeReward:
     """Bootstrap MLP members on D_off's embeddings; conservative modes and a small calibration report."""
-    record = {"reward": cfg.section("reward")["reward"], "data": data_fp, "seed": cfg.run.seed}
     stage = run.stage("reward")
-    if stage.begin(record, cfg.run.overwrite):
-        log.info("reward: reusing %s/reward", run.uri)
-        return ConservativeReward.from_bytes(stage.read_bytes("reward.safetensors"))
-    emb = np.stack(data["embedding"].map(lambda e: np.asarray(e, np.float32)))
-    off = (data["split"] == "off").to_numpy()
-    y = data["y"].to_numpy()
-    reward, rd, metrics = fit_reward_heads(cfg.reward, emb[off], y[off], cfg.run.seed)
-    held = np.flatnonzero(off)[rd.holdout]
-    above = np.flatnonzero(~off)
-    report = {}
-    for penalty in ("none", "min", "lcb", "bonus"):
-        r_in, g_in = score(reward, emb[held], penalty)
-        r_out, g_out = score(reward, emb[above], penalty) if above.size else (np.zeros(0), np.zeros(0))
-        report[penalty] = {"rmse_in": float(np.sqrt(np.mean((r_in - y[held]) ** 2))),
-                           "pearson_in": float(np.corrcoef(r_in, y[held])[0, 1]) if len(held) > 2 else float("nan"),
-                           "mean_g_in": float(g_in.mean()), "mean_g_above": float(g_out.mean()) if above.size else None,
-                           "mean_r_above": float(r_out.mean()) if above.size else None,
-                           "mean_y_above": float(y[above].mean()) if above.size else None}
-    stage.write_bytes("reward.safetensors", reward.to_bytes({"members": metrics, "config": cfg.to_dict()}))
-    stage.write_json("calibration.json", report)
-    stage.write_yaml("config.yaml", cfg.to_dict())
-    stage.finish(record)
-    return reward
+
+    def make() -> ConservativeReward:
+        emb = np.stack(data["embedding"].map(lambda e: np.asarray(e, np.float32)))
+        off = (data["split"] == "off").to_numpy()
+        y = data["y"].to_numpy()
+        reward, rd, metrics = fit_reward_heads(cfg.reward, emb[off], y[off], cfg.run.seed)
+        held = np.flatnonzero(off)[rd.holdout]
+        above = np.flatnonzero(~off)
+        report = {}
+        for penalty in PENALTIES:
+            r_in, g_in = score(reward, emb[held], penalty)
+            r_out, g_out = score(reward, emb[above], penalty) if above.size else (np.zeros(0), np.zeros(0))
+            report[penalty] = {"rmse_in": float(np.sqrt(np.mean((r_in - y[held]) ** 2))),
+                               "pearson_in": float(np.corrcoef(r_in, y[held])[0, 1]) if len(held) > 2 else float("nan"),
+                               "mean_g_in": float(g_in.mean()),
+                               "mean_g_above": float(g_out.mean()) if above.size else None,
+                               "mean_r_above": float(r_out.mean()) if above.size else None,
+                               "mean_y_above": float(y[above].mean()) if above.size else None}
+        stage.write_bytes("reward.safetensors", reward.to_bytes({"members": metrics, "config": cfg.to_dict()}))
+        stage.write_json("calibration.json", report)
+        return reward
+
+    return stage.once(stage_record(cfg, ["reward"], {"data": data_fp}), cfg, make,
+                      lambda: ConservativeReward.from_bytes(stage.read_bytes("reward.safetensors")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,46 +171,36 @@ def trainable_weights(policy_state: dict[str, torch.Tensor], lora: bool) -> dict
 
 def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, str]) -> pd.DataFrame:
     """Fine-tune with ``method``'s conservative reward; export fp32 weights (and LoRA weights for diffusers)."""
-    ft = {k: v for k, v in cfg.section("finetune")["finetune"].items() if k not in ("methods", "log_every")}
     image = {k: v for k, v in cfg.section("image")["image"].items() if k not in EVAL_ONLY}
-    record = {"finetune": ft, "method": method, "diffusion": cfg.section("diffusion")["diffusion"],
-              "image": image, "deepspeed": cfg.section("deepspeed")["deepspeed"],
-              "workers": cfg.ray.num_workers, "upstream": upstream, "seed": cfg.run.seed}
+    record = stage_record(cfg, ["finetune", "diffusion", "deepspeed"], upstream, drop=FINETUNE_RUN_KEYS,
+                          method=method, image=image)
     stage = run.stage(f"finetune/{method}")
-    if stage.begin(record, cfg.run.overwrite):
-        log.info("fine-tune %s: reusing %s/finetune/%s", method, run.uri, method)
-        return stage.read_parquet("history.parquet")
-    reward_bytes = run.stage("reward").read_bytes("reward.safetensors")
-    start = time.perf_counter()
-    lora = cfg.image.lora_rank > 0
-    if cfg.ray.num_workers > 0:
-        from braid_ray.distributed.images import finetune_images_on_ray
 
-        state, rows = finetune_images_on_ray(cfg, method, reward_bytes, _local_or_uri(run, f"finetune/{method}", "ray"),
-                                             f"{method}-seed{cfg.run.seed}")
-    else:
-        state, rows = _finetune_in_process(cfg, run, method, reward_bytes)
-    history = pd.DataFrame(rows)
-    weights = trainable_weights(state, lora)
-    stage.write_bytes("trainable_fp32.safetensors", save_safetensors({k: v.float().contiguous() for k, v in
-                                                                      weights.items()}))
-    if lora:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_lora_for_diffusers(unet_weights(state), tmp)
-            blob = (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
-            run.stage(f"finetune/{method}/lora").write_bytes(LORA_WEIGHT_NAME, blob)
-    stage.write_parquet("history.parquet", history)
-    ft = cfg.finetune
-    outcome = run_summary(rows, ft.alpha, (ft.plateau_window, ft.plateau_tol))
-    seconds = time.perf_counter() - start
-    stage.write_json("summary.json", {"method": method, "seconds": seconds, **outcome,
-                                      "final": history.iloc[-1].to_dict() if len(history) else {}})
-    stage.write_yaml("config.yaml", cfg.to_dict())
-    stage.finish(record)
-    log.info("fine-tune %s: done in %.1f s, %d steps (%s); conservative reward gain %+.3f z, alpha * KL %.3f z "
-             "(KL over the last K steps only)", method, seconds, outcome["steps_run"], outcome["stopped"],
-             outcome["reward_gain_z"], outcome["alpha_kl_z"])
-    return history
+    def make() -> None:
+        reward_bytes = run.stage("reward").read_bytes("reward.safetensors")
+        start = time.perf_counter()
+        lora = cfg.image.lora_rank > 0
+        if cfg.ray.num_workers > 0:
+            from braid_ray.distributed.images import finetune_images_on_ray
+
+            state, rows = finetune_images_on_ray(cfg, method, reward_bytes,
+                                                 _local_or_uri(run, f"finetune/{method}", "ray"),
+                                                 f"{method}-seed{cfg.run.seed}")
+        else:
+            state, rows = _finetune_in_process(cfg, run, method, reward_bytes)
+        weights = trainable_weights(state, lora)
+        stage.write_bytes("trainable_fp32.safetensors", save_safetensors({k: v.float().contiguous() for k, v in
+                                                                          weights.items()}))
+        if lora:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_lora_for_diffusers(unet_weights(state), tmp)
+                blob = (Path(tmp) / LORA_WEIGHT_NAME).read_bytes()
+                run.stage(f"finetune/{method}/lora").write_bytes(LORA_WEIGHT_NAME, blob)
+        stage.write_parquet("history.parquet", pd.DataFrame(rows))
+        write_finetune_summary(cfg, stage, method, rows, time.perf_counter() - start)
+
+    stage.once(record, cfg, make, lambda: None)
+    return stage.read_parquet("history.parquet")
 
 
 def _finetune_in_process(cfg: Config, run: RunDir, method: str, reward_bytes: bytes

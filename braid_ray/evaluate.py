@@ -52,6 +52,16 @@ SCORE_COLUMNS = COLUMNS + ["valid_share", "median_valid", "median_penalized", "a
 SECONDARY_COLUMNS = ["method", "median", "secondary_median", "frac_above_best", "secondary_frac_above_best",
                      "both_frac_above_best", "oracle_spearman"]
 VALIDITY_COLUMNS = ["method", "valid_share", "homopolymer", "entropy", "gc", "nn_distance", "elbo", "uatg"]
+# Selection (of alpha, or of any setting) spends an explicit oracle budget on designs of its own: SELECTION_QUERIES
+# designs per method from a noise stream apart from the evaluation's, so no evaluated design chose the setting
+# that it then scores. The sweep's budget (sweep.oracle_budget) is drawn from the same stream.
+SELECTION_QUERIES = 64
+SELECTION_STREAM = 13
+
+
+def selection_seed(seed: int) -> int:
+    """The seed of the selection designs' noise: a stream apart from the evaluation's (which uses ``seed``)."""
+    return int(np.random.SeedSequence([seed, SELECTION_STREAM]).generate_state(1)[0])
 
 
 @torch.no_grad()
@@ -117,7 +127,7 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
     extra: dict[str, dict[str, np.ndarray]] = {"onehot_distance": {}}
     codes["Pretrained"], extra["onehot_distance"]["Pretrained"] = sample_codes(policy, n, cfg.eval.batch_size,
                                                                                 cfg.run.seed)
-    curves = {}
+    curves, selection = {}, {}
     for method in methods:
         tuned = FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization,
                                 active_steps=cfg.finetune.k if cfg.finetune.early_steps == "pretrained" else None)
@@ -125,6 +135,8 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
             "trainable.safetensors")))
         name = label(method)
         codes[name], extra["onehot_distance"][name] = sample_codes(tuned, n, cfg.eval.batch_size, cfg.run.seed)
+        chosen, _ = sample_codes(tuned, SELECTION_QUERIES, cfg.eval.batch_size, selection_seed(cfg.run.seed))
+        selection[name] = float(oracle.score(chosen).mean())
         curves[name] = run.stage(f"finetune/{method}").read_parquet("history.parquet")
     scores = {name: oracle.score(c) for name, c in codes.items()}
     off_scores = oracle.score(off_codes)  # every offline design, scored like every design
@@ -170,12 +182,16 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
             extra.setdefault("invalid_because", {})[name] = reasons
     agreement = secondary_oracle(oracle, {**codes, **references}, scores, off_codes, best_offline, metrics, extra,
                                  list(codes))
+    for name, value in selection.items():  # not a column of the table: a number to choose settings by
+        metrics[name]["selection_score"] = value
     table = results_table(metrics)
 
     stage.write_parquet("samples.parquet", samples_frame(codes, {m: scores[m] for m in codes}, extra))
     stage.write_json("metrics.json", {
         "task": data.task.name, "oracle": oracle.info, "best_offline": best_offline, "worst_offline": worst_offline,
         "n_samples": n, "validity_rule": rule.to_dict(),
+        "selection": {"queries": SELECTION_QUERIES, "metric": "selection_score", "stream": SELECTION_STREAM,
+                      "note": "mean oracle score of designs drawn apart from the evaluated ones"},
         "elbo": {"t_samples": ELBO_T_SAMPLES, "data_rows": int(elbo_sample.size)} if not no_elbo else
         {"unavailable": no_elbo},
         "kmer_reference": {"rows": int(kmer_rows.size), "fraction": KMER_TOP_FRACTION, "k": 3},

@@ -22,7 +22,7 @@ import numpy as np
 from braid_ray.config import Config
 from braid_ray.devices import resolve_device
 from braid_ray.eval import distinct
-from braid_ray.evaluate import sample_codes
+from braid_ray.evaluate import sample_codes, selection_seed
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_reward, load_trainer_state, trainer_state_files
 from braid_ray.finetune.loop import Save, drive
 from braid_ray.finetune.trainer import FineTuner
@@ -61,9 +61,11 @@ def load_upstream(base: Config) -> tuple[DataResult, Oracle]:
 def spend_budget(tuner: FineTuner, cfg: Config, run_dir: str, method: str, oracle: Oracle, budget: int
                  ) -> dict[str, float]:
     """Sample ``budget`` hard designs from the tuner's policy and score them: the oracle's ``budget`` queries,
-    and r_hat / g_hat of the same designs (seeded by ``run.seed``)."""
+    and r_hat / g_hat of the same designs (drawn from the selection stream of ``run.seed``, apart from the
+    designs the evaluation scores)."""
     policy = tuner.policy if tuner.device.type == "cpu" else copy.deepcopy(tuner.policy).cpu()
-    codes, _ = sample_codes(policy, budget, budget, cfg.run.seed)  # on the CPU: the same designs on any device
+    # on the CPU: the same designs on any device
+    codes, _ = sample_codes(policy, budget, budget, selection_seed(cfg.run.seed))
     oracle_scores = oracle.score(codes)
     assert oracle_scores.shape == (budget,)
     penalty = METHODS[method].penalty

@@ -19,6 +19,24 @@ from typing import Any, Literal
 
 import yaml
 
+from braid_ray.methods import METHODS
+
+# Registry names, declared here so that validating a config imports no registry (nor torch, pandas or pyarrow);
+# tests/test_registry_names.py holds each one to its registry's keys.
+TaskName = Literal["tfbind8", "tfbind5", "utr_mrl", "dhs", "csv"]  # braid_ray.data.tasks.TASKS
+OracleName = Literal["table", "optimus5p", "trained_cnn", "kmer_ridge"]  # braid_ray.oracles.ORACLES
+BackboneName = Literal["gaussian_onehot"]  # braid_ray.diffusion.pretrain.BACKBONES
+PromptSetName = Literal["simple_animals", "animal_photos", "tiny"]  # braid_ray.images.prompts.PROMPT_SETS
+LaionHeadName = Literal["laion_v2", "laion_v1"]  # braid_ray.images.aesthetic.LAION_HEADS
+ZeroStage = Literal[1, 2, 3]  # braid_ray.images.zero.ZERO_STAGES
+
+TASK_NAMES: tuple[str, ...] = typing.get_args(TaskName)
+ORACLE_NAMES: tuple[str, ...] = typing.get_args(OracleName)
+BACKBONE_NAMES: tuple[str, ...] = typing.get_args(BackboneName)
+PROMPT_SET_NAMES: tuple[str, ...] = typing.get_args(PromptSetName)
+LAION_HEAD_NAMES: tuple[str, ...] = typing.get_args(LaionHeadName)
+ZERO_STAGE_NAMES: tuple[int, ...] = typing.get_args(ZeroStage)
+
 
 class ConfigError(ValueError):
     """A config key or value a user must fix; the message names the key and the expected form."""
@@ -30,11 +48,12 @@ class RunConfig:
     seed: int = 0  # global seed; every split, member and sampler seed derives from it
     overwrite: bool = False  # replace a stage whose config changed (otherwise: stop with an error)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # in-process runs: auto = cuda when available, else cpu
+    debug: bool = False  # launch scripts: a user error shows its full traceback instead of one line (exit 2)
 
 
 @dataclass
 class TaskConfig:
-    name: str = "tfbind8"  # task registry name: tfbind8 | utr_mrl | dhs | csv
+    name: str = "tfbind8"  # task registry name (TaskName): tfbind8 | tfbind5 | utr_mrl | dhs | csv
     path: str | None = None  # table to read; None = the task's bundled data (required for csv)
     sequence_column: str | None = None  # csv: column holding the sequences
     label_column: str | None = None  # csv: numeric column holding the measured label y
@@ -53,7 +72,8 @@ class DataConfig:
 
 @dataclass
 class OracleConfig:
-    kind: str | None = None  # oracle registry name (table | optimus5p | trained_cnn | kmer_ridge); None = task default
+    # oracle registry name (OracleName: table | optimus5p | trained_cnn | kmer_ridge); None = the task's default
+    kind: str | None = None
     # An independent oracle reported beside the primary: a registry name, "auto" (kmer_ridge on D_ora where the
     # primary shares data with the reward, as Optimus 5-Prime does on utr_mrl), or null (none).
     secondary: str | None = "auto"
@@ -93,7 +113,7 @@ class RewardConfig:
 
 @dataclass
 class DiffusionConfig:
-    backbone: str = "gaussian_onehot"  # diffusion backbone registry name
+    backbone: str = "gaussian_onehot"  # diffusion backbone registry name (BackboneName)
     steps: int = 50  # T, denoising steps of the sampler (and of DDPM training)
     eta: float = 1.0  # DDIM eta: 1 = ancestral (DDPM posterior), 0 = deterministic (no KL possible)
     # Clip the predicted x0 to [-1, 1] at every reverse step (the data are +-1 one-hot). It fixes the first step
@@ -158,6 +178,10 @@ class RayConfig:
     # A local run.dir on a multi-node or autoscaling cluster is refused (workers would write checkpoints to
     # their own disks) unless it is a filesystem mounted on every node, which this declares.
     shared_filesystem: bool = False
+    # An autoscaling cluster (the cluster/ presets pass ray.autoscaling=true): its worker nodes may not exist yet,
+    # so resource checks are left to the autoscaler, a sweep plans for the fully scaled-up size
+    # (sweep.cluster_max) and a local run.dir is refused even on one node.
+    autoscaling: bool = False
 
 
 @dataclass
@@ -179,9 +203,9 @@ class ImageConfig:
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD hub id or local diffusers folder; "tiny" = toy SD (CPU)
     revision: str | None = None  # hub revision of model; None = the default branch
     clip_model: str = "openai/clip-vit-large-patch14"  # CLIP image encoder of the reward (hub id / folder); "tiny" = toy
-    oracle: str = "laion_v2"  # evaluation-oracle head on the CLIP embedding: laion_v2 | laion_v1 (bundled)
+    oracle: str = "laion_v2"  # evaluation-oracle head on the CLIP embedding (LaionHeadName): laion_v2 | laion_v1
     resolution: int = 512  # image side, pixels (a multiple of the VAE factor: 8 for SD v1.5, 2 for tiny)
-    prompts: str = "simple_animals"  # named prompt set (braid_ray/images/prompts.py)
+    prompts: str = "simple_animals"  # named prompt set (PromptSetName; braid_ray/images/prompts.py)
     guidance_scale: float = 7.5  # classifier-free guidance weight w (1 = no guidance)
     lora_rank: int = 4  # LoRA rank on the UNet's attention projections; 0 = full fine-tuning (frozen copy as reference)
     frozen_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the frozen VAE, text and image encoders
@@ -375,8 +399,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 # --------------------------------------------------------------------------------------------
-# Value checks beyond types. Registry names are checked where the registries live (tasks, oracles)
-# but called from here so a bad name fails at load time.
+# Value checks beyond types. Registry names are checked against the names declared above, so a bad name fails
+# at load time without importing the registries.
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -384,13 +408,26 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}: got {value!r}, expected {expected}")
 
 
-def validate(cfg: Config) -> None:
-    from braid_ray.data.tasks import validate_task_config
-    from braid_ray.oracles import ORACLES
+def validate_task(c: TaskConfig) -> None:
+    """The ``task:`` section: a registered name, the columns a csv table needs, lengths and row counts."""
+    _check(c.name in TASK_NAMES, "task.name", c.name, f"one of {sorted(TASK_NAMES)}")
+    if c.name == "csv":
+        for key in ("path", "sequence_column", "label_column"):
+            if not getattr(c, key):
+                raise ConfigError(f"task.{key}: required for task.name=csv (the table and its columns)")
+    if c.name in ("tfbind8", "tfbind5") and (c.max_rows is not None or c.length not in (None, 8)):
+        raise ConfigError(f"task.max_rows / task.length: {c.name} always reads the whole 8-mer table "
+                          "(its exact oracle needs every 8-mer); leave them null")
+    if c.length is not None:
+        _check(c.length >= 1, "task.length", c.length, "a positive number of nucleotides or null")
+    if c.max_rows is not None:
+        _check(c.max_rows >= 1, "task.max_rows", c.max_rows, "a positive row count or null")
 
+
+def validate(cfg: Config) -> None:
     _check(bool(cfg.run.dir.strip()), "run.dir", cfg.run.dir, "a non-empty path or URI")
     _check(cfg.run.seed >= 0, "run.seed", cfg.run.seed, "an integer >= 0")
-    validate_task_config(cfg.task)
+    validate_task(cfg.task)
     d = cfg.data
     if d.oracle_fraction is not None:
         _check(0.0 <= d.oracle_fraction < 1.0, "data.oracle_fraction", d.oracle_fraction, "a fraction in [0, 1)")
@@ -398,9 +435,10 @@ def validate(cfg: Config) -> None:
         _check(0.0 < d.quantile < 1.0, "data.quantile", d.quantile, "a quantile strictly between 0 and 1")
     o = cfg.oracle
     if o.kind is not None:
-        _check(o.kind in ORACLES, "oracle.kind", o.kind, f"one of {sorted(ORACLES)} or null (task default)")
+        _check(o.kind in ORACLE_NAMES, "oracle.kind", o.kind, f"one of {sorted(ORACLE_NAMES)} or null (task default)")
     if o.secondary not in (None, "auto"):
-        _check(o.secondary in ORACLES, "oracle.secondary", o.secondary, f"one of {sorted(ORACLES)}, auto or null")
+        _check(o.secondary in ORACLE_NAMES, "oracle.secondary", o.secondary,
+               f"one of {sorted(ORACLE_NAMES)}, auto or null")
     _check(0.0 <= o.dropout < 1.0, "oracle.dropout", o.dropout, "a probability in [0, 1)")
     for key in ("channels", "layers", "kernel_size", "hidden", "pool", "epochs", "batch_size", "patience"):
         _check(getattr(o, key) >= 1, f"oracle.{key}", getattr(o, key), "an integer >= 1")
@@ -416,15 +454,13 @@ def validate(cfg: Config) -> None:
     _check(0.0 < r.holdout_fraction < 0.5, "reward.holdout_fraction", r.holdout_fraction, "a fraction in (0, 0.5)")
     _check(r.bonus_lambda > 0, "reward.bonus_lambda", r.bonus_lambda, "a positive ridge lambda")
     df = cfg.diffusion
-    _check(df.backbone == "gaussian_onehot", "diffusion.backbone", df.backbone, "'gaussian_onehot'")
+    _check(df.backbone in BACKBONE_NAMES, "diffusion.backbone", df.backbone, " | ".join(map(repr, BACKBONE_NAMES)))
     for key in ("steps", "channels", "blocks", "kernel_size", "emb_dim", "epochs", "batch_size"):
         _check(getattr(df, key) >= 1, f"diffusion.{key}", getattr(df, key), "an integer >= 1")
     _check(df.eta >= 0, "diffusion.eta", df.eta, "eta >= 0")
     _check(df.lr > 0, "diffusion.lr", df.lr, "a positive learning rate")
     _check(df.data_noise >= 0, "diffusion.data_noise", df.data_noise, "a non-negative std")
     ft = cfg.finetune
-    from braid_ray.methods import METHODS
-
     for m in ft.methods:
         _check(m in METHODS, "finetune.methods", m, f"names from {sorted(METHODS)}")
     _check(ft.alpha >= 0, "finetune.alpha", ft.alpha, "alpha >= 0")
@@ -447,6 +483,30 @@ def validate(cfg: Config) -> None:
     _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "a positive CPU count")
     _check(not cfg.tracking.tensorboard or "://" not in cfg.run.dir, "tracking.tensorboard", True,
            "false with a bucket run.dir (TensorBoard writes local files); run TensorBoard on a local run.dir")
-    from braid_ray.images.settings import validate_image_sections
-
     validate_image_sections(cfg)
+
+
+def validate_image_sections(cfg: Config) -> None:
+    """The ``image:`` and ``deepspeed:`` sections; their registry names and methods only for ``domain: image``."""
+    ds = cfg.deepspeed
+    *lower, top = ZERO_STAGE_NAMES
+    _check(ds.zero_stage == "auto" or ds.zero_stage in ZERO_STAGE_NAMES, "deepspeed.zero_stage", ds.zero_stage,
+           f"'auto' (1 with LoRA, 2 for a full UNet), {', '.join(map(str, lower))} or {top}")
+    _check(ds.bucket_size >= 1, "deepspeed.bucket_size", ds.bucket_size, "a positive number of elements")
+    _check(ds.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
+           ds.param_persistence_threshold, "a non-negative number of elements")
+    im = cfg.image
+    for key in ("resolution", "offline_images", "embed_batch_size", "embed_actors", "grid_images"):
+        _check(getattr(im, key) >= 1, f"image.{key}", getattr(im, key), "an integer >= 1")
+    _check(im.lora_rank >= 0, "image.lora_rank", im.lora_rank, "an integer >= 0 (0 = full fine-tuning)")
+    _check(im.guidance_scale >= 1.0, "image.guidance_scale", im.guidance_scale, "a CFG weight >= 1 (1 = off)")
+    _check(im.label_noise >= 0, "image.label_noise", im.label_noise, "a non-negative std")
+    if cfg.domain != "image":
+        return
+    _check(im.prompts in PROMPT_SET_NAMES, "image.prompts", im.prompts, f"one of {sorted(PROMPT_SET_NAMES)}")
+    _check(im.oracle in LAION_HEAD_NAMES, "image.oracle", im.oracle, f"one of {sorted(LAION_HEAD_NAMES)}")
+    image_methods = [n for n, meth in METHODS.items() if "image" in meth.domains]
+    for m in cfg.finetune.methods:
+        _check(m in image_methods, "finetune.methods", m, f"names from {image_methods}")
+    _check(im.offline_images >= 10 or im.offline_table is not None, "image.offline_images", im.offline_images,
+           "at least 10 images (D_off and the reward's held-out rows are cut from them)")

@@ -20,7 +20,6 @@ def enhancer_table() -> Path:
 def ray_local():
     """One small local Ray for the whole test run (2 CPUs; workers ask for fractions of a CPU)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    os.environ.setdefault("BRAID_RAY_QUIET", "1")
     import ray
 
     from braid_ray.distributed.cluster import WORKER_ENV

@@ -83,7 +83,9 @@ def test_launcher_config_passes_rays_own_validation(name: str) -> None:
     assert workers["gpu"]["resources"]["GPU"] == 1 and workers["gpu8"]["resources"]["GPU"] == 8
     assert config["max_workers"] >= sum(w["max_workers"] for w in workers.values()), "every type can scale out at once"
     assert config["docker"]["image"] == RAY_IMAGE
-    assert "--env BRAID_AUTOSCALING=1" in config["docker"]["run_options"]
+    # braid-ray's settings come from each job's config, not the nodes' environment: jobs pass ray.autoscaling=true.
+    assert not any("BRAID_" in option for option in config["docker"]["run_options"])
+    assert "ray.autoscaling=true" in (CLUSTER / name).read_text()
     assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
     assert config["file_mounts"] == {"/home/ray/braid-ray": "."}
     assert "pip install --quiet -e /home/ray/braid-ray" in config["worker_setup_commands"]
@@ -657,11 +659,14 @@ def test_the_fit_check_has_teeth() -> None:
 def test_every_cluster_can_host_the_jobs_workers() -> None:
     cfg = _job_config().ray
     assert cfg.use_gpu and cfg.num_workers >= 2, "the cluster job is data-parallel on GPUs"
+    assert cfg.autoscaling, "worker pods start at 0: the job leaves resource checks to the autoscaler"
     groups = {name: g["gpu"] for name, g in cluster_groups().items()}
     for name in KUBERAY:
-        head = _ray_cluster_spec(name)["headGroupSpec"]
-        assert head["rayStartParams"]["num-cpus"] == "0"
-        assert {"name": "BRAID_AUTOSCALING", "value": "1"} in head["template"]["spec"]["containers"][0]["env"]
+        spec = _ray_cluster_spec(name)
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        env = [e["name"] for _, pod, _ in _ray_pods(spec) for c in pod["spec"]["containers"] for e in c.get("env", [])]
+        assert not [e for e in env if e.startswith("BRAID_")], "settings come from the job's config"
+        assert "ray.autoscaling=true" in (CLUSTER / "kuberay" / name).read_text()
     for name, group in groups.items():
         assert group.gpus >= 1, name
         assert workers_hosted(group, cfg) >= cfg.num_workers, f"{name}: {group} cannot host {cfg}"
@@ -740,6 +745,7 @@ def test_documented_commands_use_the_cluster_files_and_the_job_config() -> None:
     for command in submits:
         assert "--runtime-env cluster/runtime_env.yaml" in command
         assert "-- python launch/finetune.py" in command
+        assert "ray.autoscaling=true" in command.split(), f"every cluster of cluster/ autoscales from 0: {command}"
         if "configs/tfbind8.yaml" in command:  # the job the RayJob runs: the same Ray Train footprint
             assert all(o in command.split() for o in ray_overrides), command
     mentioned = {m for c in commands for m in re.findall(r"(cluster/[\w./-]+\.yaml)", c)}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,22 @@ def test_missing_and_malformed_config_files(tmp_path: Path) -> None:
     flat.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(flat)
+
+
+def test_cluster_and_debug_settings_are_config_keys_off_by_default() -> None:
+    cfg = load_config()
+    assert cfg.ray.autoscaling is False and cfg.run.debug is False
+    cfg = load_config(None, ["ray.autoscaling=true", "run.debug=true"])
+    assert cfg.ray.autoscaling is True and cfg.run.debug is True
+    with pytest.raises(ConfigError, match="ray.autoscaling: got 1, expected bool"):
+        load_config(None, ["ray.autoscaling=1"])
+
+
+def test_no_module_reads_its_settings_from_the_environment() -> None:
+    """Configuration only through the config: no BRAID_* environment variable (they were BRAID_AUTOSCALING,
+    BRAID_RAY_QUIET and BRAID_DEBUG: now ray.autoscaling, tracking.ray_logs for Ray's log lines, and run.debug)."""
+    found = [f"{path.relative_to(ROOT)}:{node.lineno}: {node.value}"
+             for path in sorted((ROOT / "braid_ray").rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("BRAID_")]
+    assert found == []

@@ -39,34 +39,41 @@ def test_train_trials_count_their_workers(tmp_path: Path) -> None:
     gpu = sweep_with(tmp_path, {}, "ray.num_workers=2", "ray.use_gpu=true")
     assert trial_footprint(gpu)["GPU"] == 2.0 and concurrency(gpu, {"CPU": 64.0, "GPU": 5.0}) == 2
     with pytest.raises(ConfigError, match=r"one trial needs \{'CPU': 1.1, 'GPU': 2.0\}.*the cluster has "
-                                          r"\{'CPU': 64.0\}.*BRAID_AUTOSCALING=1 and sweep.cluster_max"):
+                                          r"\{'CPU': 64.0\}.*ray.autoscaling=true and sweep.cluster_max"):
         concurrency(gpu, {"CPU": 64.0})
+
+
+AUTOSCALING = "ray.autoscaling=true"
 
 
 def test_autoscaling_concurrency_comes_from_the_largest_cluster_not_the_current_one(tmp_path: Path) -> None:
     head_only = {"CPU": 4.0}  # an autoscaling cluster before any worker node started
-    sweep = sweep_with(tmp_path, {"cluster_max": {"cpus": 64}}, "ray.num_workers=2", "ray.cpus_per_worker=1")
-    assert concurrency(sweep, head_only) == 1  # on a fixed cluster the current resources are the maximum
-    assert concurrency(sweep, head_only, autoscaling=True) == 30  # 64 CPUs / (0.1 + 2 x 1)
+    fixed = sweep_with(tmp_path, {"cluster_max": {"cpus": 64}}, "ray.num_workers=2", "ray.cpus_per_worker=1")
+    assert concurrency(fixed, head_only) == 1  # on a fixed cluster the current resources are the maximum
+    sweep = sweep_with(tmp_path, {"cluster_max": {"cpus": 64}}, "ray.num_workers=2", "ray.cpus_per_worker=1",
+                       AUTOSCALING)
+    assert concurrency(sweep, head_only) == 30  # 64 CPUs / (0.1 + 2 x 1)
     # The autoscaler's own config, where Ray publishes it; the sweep file's statement wins.
-    published = sweep_with(tmp_path, {}, "ray.num_workers=2", "ray.cpus_per_worker=1")
-    assert concurrency(published, head_only, {"CPU": 32.0, "GPU": 4.0}, autoscaling=True) == 15
-    assert concurrency(sweep, head_only, {"CPU": 32.0}, autoscaling=True) == 30
-    capped = sweep_with(tmp_path, {"cluster_max": {"cpus": 64}, "max_concurrent_trials": 4}, "ray.num_workers=2")
-    assert concurrency(capped, head_only, autoscaling=True) == 4
+    published = sweep_with(tmp_path, {}, "ray.num_workers=2", "ray.cpus_per_worker=1", AUTOSCALING)
+    assert concurrency(published, head_only, {"CPU": 32.0, "GPU": 4.0}) == 15
+    assert concurrency(sweep, head_only, {"CPU": 32.0}) == 30
+    capped = sweep_with(tmp_path, {"cluster_max": {"cpus": 64}, "max_concurrent_trials": 4}, "ray.num_workers=2",
+                        AUTOSCALING)
+    assert concurrency(capped, head_only) == 4
     # GPUs at the largest size: one worker GPU each, 8 GPUs -> 4 trials of 2 workers.
-    gpus = sweep_with(tmp_path, {"cluster_max": {"cpus": 64, "gpus": 8}}, "ray.num_workers=2", "ray.use_gpu=true")
-    assert concurrency(gpus, head_only, autoscaling=True) == 4
+    gpus = sweep_with(tmp_path, {"cluster_max": {"cpus": 64, "gpus": 8}}, "ray.num_workers=2", "ray.use_gpu=true",
+                      AUTOSCALING)
+    assert concurrency(gpus, head_only) == 4
 
-    unknown = sweep_with(tmp_path, {}, "ray.num_workers=2")
+    unknown = sweep_with(tmp_path, {}, "ray.num_workers=2", AUTOSCALING)
     with pytest.raises(ConfigError, match=r"largest size, which this Ray does not report.*sweep.cluster_max.cpus"):
-        concurrency(unknown, head_only, None, autoscaling=True)
-    told = sweep_with(tmp_path, {"max_concurrent_trials": 6}, "ray.num_workers=2")
-    assert concurrency(told, head_only, None, autoscaling=True) == 6  # trusted: the cluster can grow
-    too_big = sweep_with(tmp_path, {"cluster_max": {"cpus": 1}}, "ray.num_workers=2")
+        concurrency(unknown, head_only, None)
+    told = sweep_with(tmp_path, {"max_concurrent_trials": 6}, "ray.num_workers=2", AUTOSCALING)
+    assert concurrency(told, head_only, None) == 6  # trusted: the cluster can grow
+    too_big = sweep_with(tmp_path, {"cluster_max": {"cpus": 1}}, "ray.num_workers=2", AUTOSCALING)
     with pytest.raises(ConfigError, match=r"the autoscaling cluster at its largest \(sweep.cluster_max\) has "
                                           r"\{'CPU': 1.0\}"):
-        concurrency(too_big, head_only, autoscaling=True)
+        concurrency(too_big, head_only)
 
 
 def test_fractional_gpu_trials_share_a_gpu_and_train_on_cuda(tmp_path: Path) -> None:
@@ -111,11 +118,16 @@ def test_the_driver_plans_for_the_largest_cluster_when_autoscaling(tmp_path: Pat
     from braid_ray.distributed import tune
 
     monkeypatch.setattr(tune.ray, "cluster_resources", lambda: {"CPU": 2.0})  # the head, before any worker node
-    monkeypatch.delenv("BRAID_AUTOSCALING", raising=False)
-    stated = sweep_with(tmp_path, {"cluster_max": {"cpus": 32}})
-    assert tune.max_concurrent_trials(stated) == 2
-    monkeypatch.setenv("BRAID_AUTOSCALING", "1")
+    assert tune.max_concurrent_trials(sweep_with(tmp_path, {"cluster_max": {"cpus": 32}})) == 2
+    stated = sweep_with(tmp_path, {"cluster_max": {"cpus": 32}}, AUTOSCALING)
     assert tune.autoscaler_max_resources() is None  # no Ray here: unknown, not an error
     assert tune.max_concurrent_trials(stated) == 32
     monkeypatch.setattr(tune, "autoscaler_max_resources", lambda: {"CPU": 8.0})  # where the platform publishes it
-    assert tune.max_concurrent_trials(sweep_with(tmp_path)) == 8
+    assert tune.max_concurrent_trials(sweep_with(tmp_path, {}, AUTOSCALING)) == 8
+    assert tune.max_concurrent_trials(sweep_with(tmp_path)) == 2  # a fixed cluster: the autoscaler is not asked
+
+
+def test_run_debug_is_not_part_of_the_sweep_record(tmp_path: Path) -> None:
+    """A failed sweep can be resumed with run.debug=true to see its traceback."""
+    assert sweep_with(tmp_path, {}, "run.debug=true").record() == sweep_with(tmp_path).record()
+    assert sweep_with(tmp_path, {}, "ray.num_workers=2").record() != sweep_with(tmp_path).record()

@@ -25,9 +25,9 @@ def test_a_local_run_dir_on_several_nodes_stops_with_the_fix(monkeypatch) -> Non
 def test_a_local_run_dir_on_an_autoscaling_cluster_stops_even_with_one_node(monkeypatch) -> None:
     _nodes(monkeypatch, 1)
     workers.check_storage(RayConfig(), "/runs/x")  # one machine, not autoscaling: a laptop
-    monkeypatch.setenv("BRAID_AUTOSCALING", "1")
     with pytest.raises(ValueError, match="autoscaling cluster"):
-        workers.check_storage(RayConfig(), "/runs/x")
+        workers.check_storage(RayConfig(autoscaling=True), "/runs/x")
+    workers.check_storage(RayConfig(autoscaling=True), "s3://bucket/runs/x")
 
 
 def test_an_uneven_global_batch_is_refused_with_the_fix() -> None:

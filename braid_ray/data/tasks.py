@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from braid_ray.config import ConfigError, TaskConfig
+from braid_ray.config import TaskConfig, validate_task
 from braid_ray.data.encoding import Locator, encode, from_index, reverse_complement, to_index
 from braid_ray.data.tables import Labelled, check_file, labelled_from_frame, merge_duplicates, parse_labels, read_table
 
@@ -156,22 +156,6 @@ def _csv(c: TaskConfig) -> Task:
 TASKS = {"tfbind8": _tfbind8, "tfbind5": _tfbind5, "utr_mrl": _utr_mrl, "dhs": _dhs, "csv": _csv}
 
 
-def validate_task_config(c: TaskConfig) -> None:
-    if c.name not in TASKS:
-        raise ConfigError(f"task.name: got {c.name!r}, expected one of {sorted(TASKS)}")
-    if c.name == "csv":
-        for key in ("path", "sequence_column", "label_column"):
-            if not getattr(c, key):
-                raise ConfigError(f"task.{key}: required for task.name=csv (the table and its columns)")
-    if c.name in ("tfbind8", "tfbind5") and (c.max_rows is not None or c.length not in (None, 8)):
-        raise ConfigError(f"task.max_rows / task.length: {c.name} always reads the whole 8-mer table "
-                          "(its exact oracle needs every 8-mer); leave them null")
-    if c.length is not None and c.length < 1:
-        raise ConfigError(f"task.length: got {c.length!r}, expected a positive number of nucleotides or null")
-    if c.max_rows is not None and c.max_rows < 1:
-        raise ConfigError(f"task.max_rows: got {c.max_rows!r}, expected a positive row count or null")
-
-
 def get_task(c: TaskConfig) -> Task:
-    validate_task_config(c)
+    validate_task(c)  # a TaskConfig built in code, not loaded: the same rules (braid_ray.config) as at load time
     return TASKS[c.name](c)

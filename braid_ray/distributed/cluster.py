@@ -52,8 +52,7 @@ def init(cfg: RayConfig, ray_logs: bool = False) -> None:
     # Ray's own Python loggers (Train's "Reporting training result ...", resource requests) log at WARNING in
     # every worker and actor of this job unless asked for; braid_ray's loggers keep INFO (cli.setup_logging,
     # workers.quiet_logging), so rank 0's progress still reaches the console.
-    ray.init(address=address, log_to_driver=os.environ.get("BRAID_RAY_QUIET", "") != "1",
-             runtime_env={"env_vars": worker_env()},
+    ray.init(address=address, runtime_env={"env_vars": worker_env()},
              logging_config=ray.LoggingConfig(encoding="TEXT", log_level="INFO" if ray_logs else "WARNING"))
     log.info("ray: %s, resources %s", "joined " + address if address else "started a local cluster",
              {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
@@ -65,13 +64,13 @@ def scaling(cfg: RayConfig, num_workers: int, one_node: bool = False) -> Scaling
     ``one_node``: all workers on one node (STRICT_PACK), for ZeRO over NVLink (the 8-GPU SD preset); the
     autoscaler then starts a node type that holds them all instead of spreading them over 1-GPU nodes.
 
-    On an autoscaling cluster (BRAID_AUTOSCALING=1, set by cluster/runtime_env.yaml and the KubeRay RayJob) the
-    worker nodes may not exist yet, so the check is left to the autoscaler and Ray Train.
+    On an autoscaling cluster (``ray.autoscaling=true``, as the jobs of cluster/ pass it) the worker nodes may not
+    exist yet, so the check is left to the autoscaler and Ray Train.
     """
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     sc = ScalingConfig(num_workers=num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
                        placement_strategy="STRICT_PACK" if one_node else "PACK")
-    if os.environ.get("BRAID_AUTOSCALING", "") == "1":
+    if cfg.autoscaling:
         log.info("ray: %d workers x %s requested from the autoscaler", num_workers, resources)
         return sc
     have = ray.cluster_resources()
@@ -79,7 +78,7 @@ def scaling(cfg: RayConfig, num_workers: int, one_node: bool = False) -> Scaling
         if key in ("CPU", "GPU") and have.get(key, 0) < need:
             raise ValueError(
                 f"ray: {num_workers} workers x {resources} need {key}={need:g}, the cluster has {have.get(key, 0):g}; "
-                "lower ray.num_workers or ray.cpus_per_worker (or set BRAID_AUTOSCALING=1 on an autoscaling cluster)")
+                "lower ray.num_workers or ray.cpus_per_worker (or set ray.autoscaling=true on an autoscaling cluster)")
     return sc
 
 

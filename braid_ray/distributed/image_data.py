@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import os
-
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
@@ -50,13 +48,13 @@ class EmbedOnActor(EmbedBatch):
 
 def _resources(cfg: Config) -> dict:
     """One GPU per actor or task with ``ray.use_gpu``, else a Train worker's CPU share; checked against the
-    cluster (a request it can never grant would wait forever)."""
+    cluster (a request it can never grant would wait forever) unless ``ray.autoscaling`` leaves it to the autoscaler."""
     need = {"num_cpus": cfg.ray.cpus_per_worker} | ({"num_gpus": 1} if cfg.ray.use_gpu else {})
     key, amount = ("GPU", 1) if cfg.ray.use_gpu else ("CPU", cfg.ray.cpus_per_worker)
     have = ray.cluster_resources().get(key, 0)
-    if os.environ.get("BRAID_AUTOSCALING", "") != "1" and have < amount:
+    if not cfg.ray.autoscaling and have < amount:
         raise ValueError(f"ray: image batch inference needs {key}={amount:g} per actor, the cluster has {have:g}; "
-                         "set ray.use_gpu=false or lower ray.cpus_per_worker (or set BRAID_AUTOSCALING=1 on an "
+                         "set ray.use_gpu=false or lower ray.cpus_per_worker (or set ray.autoscaling=true on an "
                          "autoscaling cluster)")
     return need
 

@@ -16,7 +16,6 @@ the number of concurrent trials is derived from each trial's whole footprint and
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,7 +43,6 @@ from braid_ray.sweep.trial import TRAIN_KEYS, pretrained_reference, run_trial, t
 log = logging.getLogger(__name__)
 
 UPSTREAM = ("data", "oracle", "reward", "pretrain")
-AUTOSCALING_VAR = "BRAID_AUTOSCALING"  # "1" on an autoscaling cluster (set by cluster/aws.yaml, gcp.yaml, kuberay/)
 FINAL_KEYS = (*TRAIN_KEYS, METRIC, "oracle_std", "oracle_max", "oracle_queries", "sample_r_hat", "sample_g_hat",
               "distinct", "device", "finished_at")
 
@@ -86,11 +84,10 @@ def autoscaler_max_resources() -> dict[str, float] | None:
 
 
 def max_concurrent_trials(sweep: Sweep) -> int:
-    """``resources.concurrency`` on the joined cluster: its current resources, and on an autoscaling cluster its
-    maximum from ``sweep.cluster_max`` or the autoscaler."""
-    autoscaling = os.environ.get(AUTOSCALING_VAR, "") == "1"
-    return concurrency(sweep, ray.cluster_resources(), autoscaler_max_resources() if autoscaling else None,
-                       autoscaling)
+    """``resources.concurrency`` on the joined cluster: its current resources, and on an autoscaling cluster
+    (``ray.autoscaling``) its maximum from ``sweep.cluster_max`` or the autoscaler."""
+    reported_max = autoscaler_max_resources() if sweep.base.ray.autoscaling else None
+    return concurrency(sweep, ray.cluster_resources(), reported_max)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -248,7 +245,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     start = time.perf_counter()
     uri = sweep_uri(sweep)
     check_record(sweep, uri)
-    cluster.init(sweep.base.ray)
+    cluster.init(sweep.base.ray, sweep.base.tracking.ray_logs)
     max_concurrent = max_concurrent_trials(sweep)
     size = sweep.grid_size()
     log.info("sweep %s: %s trials of %s, up to %d at once, %d oracle queries each; results in %s", sweep.name,

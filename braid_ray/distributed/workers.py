@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -139,12 +138,12 @@ def run_config(name: str, storage_path: str, keep: int | None = None, callbacks:
 
 
 def check_storage(cfg: RayConfig, storage_path: str) -> None:
-    """Stop before training when checkpoints would go to one machine's disk on a cluster of several machines."""
+    """Stop before training when checkpoints would go to one machine's disk on a cluster of several machines (or on
+    an autoscaling one, ``ray.autoscaling``, which will have them)."""
     if ("://" in storage_path and not storage_path.startswith("file://")) or cfg.shared_filesystem:
         return
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    autoscaling = os.environ.get("BRAID_AUTOSCALING") == "1"
-    if nodes > 1 or autoscaling:
+    if nodes > 1 or cfg.autoscaling:
         where = f"{nodes} nodes" if nodes > 1 else "an autoscaling cluster"
         raise ValueError(f"run.dir is the local path {storage_path} on {where}: each worker would write its "
                          "checkpoints to its own disk, where the driver cannot read them. Set run.dir to a bucket "

@@ -12,7 +12,7 @@ Core modules (no Ray, no DeepSpeed):
   offline     offline images: sampling and CLIP embedding as batch callables
   evaluate    sample grids, score tables, r_hat-vs-oracle curves
   stages      the image pipeline: offline data, reward heads, fine-tuning, evaluation
-  settings    validation of the image: and deepspeed: config sections
+  settings    DEFAULT_QUANTILE (the image sections are validated in braid_ray.config)
 Their Ray / DeepSpeed adapters live with the sequence ones in ``braid_ray.distributed``: ``images`` (ZeRO
 training on Ray Train), ``zero_export`` (ZeRO consolidation), ``image_data`` (offline images by Ray Data, evaluation
 as Ray tasks).

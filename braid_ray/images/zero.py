@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from braid_ray.config import Config
+from braid_ray.config import Config, ZeroStage
 
-ZERO_STAGES = (1, 2, 3)
+ZERO_STAGES: tuple[ZeroStage, ...] = (1, 2, 3)  # the stages deepspeed_config writes (config: deepspeed.zero_stage)
 
 
 def micro_batch(cfg: Config, world_size: int) -> int:
@@ -33,6 +33,7 @@ def zero_stage(cfg: Config) -> int:
     stage = cfg.deepspeed.zero_stage
     if stage == "auto":
         return 1 if cfg.image.lora_rank > 0 else 2
+    assert stage in ZERO_STAGES, f"deepspeed.zero_stage={stage!r}: config validation admits {ZERO_STAGES} or auto"
     return int(stage)
 
 

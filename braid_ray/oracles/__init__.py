@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from braid_ray.config import OracleConfig
+from braid_ray.config import OracleConfig, OracleName
 from braid_ray.data.encoding import one_hot
 from braid_ray.data.splits import Splits
 from braid_ray.data.tables import Labelled
@@ -110,13 +110,14 @@ def _kmer_ridge(task: Task, d: Labelled, splits: Splits, cfg: OracleConfig, seed
 
 
 OracleFactory = Callable[[Task, Labelled, Splits, OracleConfig, int, Stage], Oracle]
-ORACLES: dict[str, OracleFactory] = {"table": _table, "optimus5p": _optimus, "trained_cnn": _trained,
-                                     "kmer_ridge": _kmer_ridge}
+# Keys: config.OracleName, which config validation checks oracle.kind and oracle.secondary against.
+ORACLES: dict[OracleName, OracleFactory] = {"table": _table, "optimus5p": _optimus, "trained_cnn": _trained,
+                                            "kmer_ridge": _kmer_ridge}
 
 # The independent oracle reported beside a primary that shares data with the reward (secondary="auto").
 # Optimus 5-Prime was trained on the whole library D comes from, D_off included. An exact table needs no
 # second opinion, and a trained_cnn already sees D_ora only.
-SECONDARY: dict[str, str | None] = {"optimus5p": "kmer_ridge", "table": None, "trained_cnn": None,
+SECONDARY: dict[OracleName, OracleName | None] = {"optimus5p": "kmer_ridge", "table": None, "trained_cnn": None,
                                     "kmer_ridge": None}
 
 

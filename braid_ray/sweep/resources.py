@@ -4,7 +4,7 @@ cluster's resources (no Ray; ``braid_ray.distributed.tune`` reads the cluster an
 A trial's footprint is its own process (``tune.with_resources``: sweep.cpus_per_trial, and for in-process
 trials sweep.gpus_per_trial) plus, with ``ray.num_workers > 0``, its Ray Train workers, which Tune does not
 count. The number of concurrent trials is how many footprints the cluster holds at its largest: its current
-resources on a fixed cluster; on an autoscaling cluster (BRAID_AUTOSCALING=1) the fully scaled-up size, from
+resources on a fixed cluster; on an autoscaling cluster (ray.autoscaling=true) the fully scaled-up size, from
 ``sweep.cluster_max`` or, where Ray publishes it, the autoscaler's own config. ``sweep.max_concurrent_trials``
 may lower that number, never raise it past what fits.
 """
@@ -62,18 +62,19 @@ def trial_footprint(sweep: Sweep) -> dict[str, float]:
     return need
 
 
-def capacity(sweep: Sweep, current: dict[str, float], reported_max: dict[str, float] | None,
-             autoscaling: bool) -> tuple[dict[str, float] | None, str]:
+def capacity(sweep: Sweep, current: dict[str, float],
+             reported_max: dict[str, float] | None) -> tuple[dict[str, float] | None, str]:
     """(the resources to plan the sweep for, where they come from); None when an autoscaling cluster's maximum
     is unknown.
 
     ``current``: ``ray.cluster_resources()``. ``reported_max``: the autoscaler's maximum where Ray publishes it.
-    On a fixed cluster the current resources are its maximum and sweep.cluster_max is not used."""
+    On a fixed cluster (``ray.autoscaling=false``) the current resources are its maximum and sweep.cluster_max is
+    not used."""
     stated = {k: v for k, v in (("CPU", sweep.settings.cluster_max.cpus), ("GPU", sweep.settings.cluster_max.gpus))
               if v is not None}
-    if not autoscaling:
+    if not sweep.base.ray.autoscaling:
         if stated:
-            log.info("sweep.cluster_max %s is not used: without BRAID_AUTOSCALING=1 the cluster's current "
+            log.info("sweep.cluster_max %s is not used: without ray.autoscaling=true the cluster's current "
                      "resources %s are its maximum", stated, current)
         return dict(current), "the cluster"
     if not stated and not reported_max:
@@ -86,18 +87,17 @@ def capacity(sweep: Sweep, current: dict[str, float], reported_max: dict[str, fl
     return found, f"the autoscaling cluster at its largest ({source})"
 
 
-def concurrency(sweep: Sweep, current: dict[str, float], reported_max: dict[str, float] | None = None,
-                autoscaling: bool = False) -> int:
+def concurrency(sweep: Sweep, current: dict[str, float], reported_max: dict[str, float] | None = None) -> int:
     """How many trials may run at once: as many footprints as the cluster holds at its largest (see
     ``capacity``), or sweep.max_concurrent_trials when lower. Raises ConfigError when one trial does not fit,
     or when an autoscaling cluster's maximum is unknown and the sweep file does not say how many to run."""
     need = trial_footprint(sweep)
     wanted = sweep.settings.max_concurrent_trials
-    cap, where = capacity(sweep, current, reported_max, autoscaling)
+    cap, where = capacity(sweep, current, reported_max)
     if cap is None:
         if wanted is None:
             raise ConfigError(
-                "sweep: on an autoscaling cluster (BRAID_AUTOSCALING=1) the number of concurrent trials comes from "
+                "sweep: on an autoscaling cluster (ray.autoscaling=true) the number of concurrent trials comes from "
                 "the cluster's largest size, which this Ray does not report (the cluster now has "
                 f"{_short(current)}). Set sweep.cluster_max.cpus (and sweep.cluster_max.gpus) to the resources of "
                 "the fully scaled-up cluster, or sweep.max_concurrent_trials")
@@ -109,7 +109,8 @@ def concurrency(sweep: Sweep, current: dict[str, float], reported_max: dict[str,
         raise ConfigError(
             f"sweep: one trial needs {need} (sweep.cpus_per_trial and sweep.gpus_per_trial, plus ray.num_workers x "
             f"ray.cpus_per_worker and one GPU per worker with ray.use_gpu); {where} has {_short(cap)}. Lower them"
-            + ("" if autoscaling else ", or set BRAID_AUTOSCALING=1 and sweep.cluster_max on an autoscaling cluster"))
+            + ("" if sweep.base.ray.autoscaling else
+               ", or set ray.autoscaling=true and sweep.cluster_max on an autoscaling cluster"))
     if wanted is None:
         return fits
     if wanted > fits:

@@ -49,7 +49,7 @@ class AshaSettings:
 
 @dataclass
 class ClusterMax:
-    """The fully scaled-up cluster, on an autoscaling cluster (BRAID_AUTOSCALING=1), for the number of concurrent
+    """The fully scaled-up cluster, on an autoscaling cluster (ray.autoscaling=true), for the number of concurrent
     trials. Ray 2.60 has no public API for it and its open-source autoscaler does not publish its config, so the
     sweep file states it; null = ask Ray (used where the platform publishes it). Not used on a fixed cluster."""
 
@@ -98,7 +98,9 @@ class Sweep:
             settings.pop(key)
         if settings["gpus_per_trial"] == 0:  # recorded only when trials run on a GPU (their checkpoints stay there)
             settings.pop("gpus_per_trial")
-        return {"base": self.base.to_dict(), "search": self.search, "settings": settings}
+        base = self.base.to_dict()
+        base["run"].pop("debug")  # how a failure is shown, not what the trials compute
+        return {"base": base, "search": self.search, "settings": settings}
 
     def grid_size(self) -> int | None:
         """Number of trials of a grid search (None for random / Optuna, where num_samples draws)."""

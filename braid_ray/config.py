@@ -415,7 +415,7 @@ def validate_task(c: TaskConfig) -> None:
         for key in ("path", "sequence_column", "label_column"):
             if not getattr(c, key):
                 raise ConfigError(f"task.{key}: required for task.name=csv (the table and its columns)")
-    if c.name in ("tfbind8", "tfbind5") and (c.max_rows is not None or c.length not in (None, 8)):
+    if c.name in ("tfbind8", "tfbind5") and (c.max_rows is not None or c.length is not None):
         raise ConfigError(f"task.max_rows / task.length: {c.name} always reads the whole 8-mer table "
                           "(its exact oracle needs every 8-mer); leave them null")
     if c.length is not None:

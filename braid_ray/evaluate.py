@@ -39,7 +39,7 @@ from braid_ray.methods import METHODS, label
 from braid_ray.oracles import Oracle
 from braid_ray.oracles.agreement import method_agreement
 from braid_ray.reward.fit import score
-from braid_ray.rundir import RunDir
+from braid_ray.rundir import RunDir, stage_record
 from braid_ray.stages import DataResult
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,20 @@ def secondary_oracle(oracle: Oracle, designs: dict[str, np.ndarray], scores: dic
 
 def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, methods: list[str]) -> pd.DataFrame:
     """Sample, score and report every method; returns the results table (one row per method, then the
-    reference rows)."""
+    reference rows). Guarded like every stage: a changed eval config, method list or upstream stage is a
+    conflict, never a silent replacement of the report."""
+    stage = run.stage("eval")
+    upstream = run.fingerprints(["data", "oracle", "reward", "pretrain", *(f"finetune/{m}" for m in methods)])
+    record = stage_record(cfg, ["eval"], upstream, methods=list(methods))
+
+    def reuse() -> pd.DataFrame:
+        m = stage.read_json("metrics.json")
+        return results_table({**m["methods"], **m["references"]})
+
+    return stage.once(record, cfg, lambda: _evaluate(cfg, run, data, oracle, methods), reuse)
+
+
+def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, methods: list[str]) -> pd.DataFrame:
     stage = run.stage("eval")
     d, s, n = data.d, data.splits, cfg.eval.n_samples
     rng = np.random.default_rng(cfg.run.seed)
@@ -131,8 +144,8 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
     for method in methods:
         tuned = FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization,
                                 active_steps=cfg.finetune.k if cfg.finetune.early_steps == "pretrained" else None)
-        tuned.trainable.load_state_dict(load_safetensors(run.stage(f"finetune/{method}").read_bytes(
-            "trainable.safetensors")))
+        tuned.trainable.load_state_dict(run.stage(f"finetune/{method}").load("trainable.safetensors",
+                                                                             load_safetensors))
         name = label(method)
         codes[name], extra["onehot_distance"][name] = sample_codes(tuned, n, cfg.eval.batch_size, cfg.run.seed)
         chosen, _ = sample_codes(tuned, SELECTION_QUERIES, cfg.eval.batch_size, selection_seed(cfg.run.seed))

@@ -54,12 +54,18 @@ def finetune_runner(cfg: Config, run_dir: RunDir) -> FinetuneRunner:
 
 def run(cfg: Config, stages: tuple[str, ...] = ALL_STAGES) -> dict:
     """Run ``stages`` for ``cfg`` (earlier ones reused when unchanged); returns what the launch script prints."""
-    if cfg.domain == "image":  # Stable Diffusion: its own stages (braid_ray/images/stages.py)
-        from braid_ray.images.stages import STAGES, run_images
-
-        return run_images(cfg, tuple(s for s in stages if s in STAGES))
     run_dir = RunDir(cfg.run.dir)
-    run_dir.stage("").write_yaml("config.yaml", cfg.to_dict())
+    with run_dir.lock():  # one run at a time in a run directory
+        if cfg.domain == "image":  # Stable Diffusion: its own stages (braid_ray/images/stages.py)
+            from braid_ray.images.stages import STAGES, run_images
+
+            return run_images(cfg, tuple(s for s in stages if s in STAGES))
+        summary = _run_sequences(cfg, run_dir, stages)
+        run_dir.stage("").write_yaml("config.yaml", cfg.to_dict())  # only once every stage has accepted it
+        return summary
+
+
+def _run_sequences(cfg: Config, run_dir: RunDir, stages: tuple[str, ...]) -> dict:
     data = data_stage(cfg, run_dir)
     summary: dict = {"run_dir": run_dir.uri, "data": data.summary}
     if "oracle" in stages or "eval" in stages or cfg.finetune.monitor_queries > 0:  # these need the oracle
@@ -71,7 +77,7 @@ def run(cfg: Config, stages: tuple[str, ...] = ALL_STAGES) -> dict:
     if "pretrain" in stages:
         pretrain_stage(cfg, run_dir, data, pretrain_runner(cfg, run_dir))
     if "finetune" in stages:
-        upstream = {name: run_dir.stage(name).read_json("stage.json")["fingerprint"] for name in ("reward", "pretrain")}
+        upstream = run_dir.fingerprints(["reward", "pretrain"])
         for method in cfg.finetune.methods:
             finetune_stage(cfg, run_dir, data, method, upstream, finetune_runner(cfg, run_dir))
     if "eval" in stages:

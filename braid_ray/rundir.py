@@ -7,12 +7,16 @@ silently replaced: :class:`StageConflict` names the keys that differ, unless ``r
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,10 +33,23 @@ log = logging.getLogger(__name__)
 
 STAGE_FILE = "stage.json"
 PENDING_FILE = "stage.pending.json"
+LOCK_FILE = ".lock"
 
 
-class StageConflict(RuntimeError):
+class RunDirError(RuntimeError):
+    """A run directory cannot be used as asked; the message says why and how to recover."""
+
+
+class StageConflict(RunDirError):
     """A stage exists in the run directory with a different config or different inputs."""
+
+
+class StageCorrupt(RunDirError):
+    """A file of a finished stage cannot be read (truncated, or not what the stage wrote)."""
+
+
+class RunDirBusy(RunDirError):
+    """Another process holds the run directory's lock."""
 
 
 def fingerprint(obj: Any) -> str:
@@ -83,7 +100,10 @@ class RunDir:
 
     def __init__(self, uri: str):
         if "://" not in uri:
-            uri = str(Path(uri).expanduser().resolve())
+            path = Path(uri).expanduser().resolve()
+            if path.exists() and not path.is_dir():
+                raise RunDirError(f"run.dir {path} is a file, not a directory: choose another run.dir")
+            uri = str(path)
         self.fs, self.root = pafs.FileSystem.from_uri(uri)
         self.uri = uri
 
@@ -92,6 +112,50 @@ class RunDir:
 
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def fingerprints(self, names: Iterable[str]) -> dict[str, str]:
+        """The fingerprints of finished stages, by name: what a later stage records as its upstream."""
+        out = {}
+        for name in names:
+            stage = self.stage(name)
+            if not stage.exists(STAGE_FILE):
+                raise RunDirError(f"{self.uri}/{name} has not finished: run its stage first")
+            out[name] = stage.read_json(STAGE_FILE)["fingerprint"]
+        return out
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for this process: a second run in the same directory stops at once with a
+        message naming the holder (host, pid, since when), instead of both writing the same stages. An
+        exclusive ``flock`` on ``<run.dir>/.lock``, released when the process ends however it ends. A bucket
+        (s3://, gs://) has no such lock: one run at a time there is the user's to keep."""
+        if not self.is_local():
+            yield
+            return
+        root = Path(self.root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            handle = open(root / LOCK_FILE, "a+")
+        except OSError as e:
+            raise RunDirError(f"run.dir {root} cannot be written ({e.strerror}): choose another run.dir or fix "
+                              "its permissions") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunDirBusy(f"run.dir {root} is in use by {holder}; wait for that run to end, or use "
+                                 "another run.dir") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.truncate(0)
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Stage:
@@ -117,7 +181,7 @@ class Stage:
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write atomically where the filesystem allows it (temp file + move), so a crash leaves no half file."""
         self.run.fs.create_dir(self.root, recursive=True)
-        tmp = self.path(f".{name}.tmp")
+        tmp = self.path(f".{name}.{os.getpid()}.tmp")  # per process: two writers never share a temp file
         with self.run.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.run.fs.move(tmp, self.path(name))
@@ -131,8 +195,19 @@ class Stage:
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
+    def load(self, name: str, parse: Callable[[bytes], T]) -> T:
+        """``parse`` of a file of this stage; a file that cannot be parsed raises :class:`StageCorrupt` naming it
+        and the way to recover."""
+        data = self.read_bytes(name)
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - any parser's error means the same to the user: the file is bad
+            raise StageCorrupt(f"{self.run.uri}/{self.name}/{name} cannot be read ({type(e).__name__}: {e}). "
+                               f"Delete {self.run.uri}/{self.name}, or set run.overwrite=true, to rebuild "
+                               "the stage.") from e
+
     def read_json(self, name: str) -> Any:
-        return json.loads(self.read_bytes(name))
+        return self.load(name, json.loads)
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())
@@ -146,7 +221,7 @@ class Stage:
         self.write_bytes(name, buf.getvalue())
 
     def read_parquet(self, name: str) -> pd.DataFrame:
-        return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pandas()
+        return self.load(name, lambda data: pq.read_table(io.BytesIO(data)).to_pandas())
 
     # ---- reuse bookkeeping
     def once(self, record: dict[str, Any], cfg: Config, make: Callable[[], T], reuse: Callable[[], T]) -> T:
@@ -156,8 +231,17 @@ class Stage:
         crash never leaves a stage that looks finished. Another record is a :class:`StageConflict` unless
         ``run.overwrite`` is set."""
         if self.begin(record, cfg.run.overwrite):
-            log.info("%s: reusing %s/%s (config and inputs unchanged)", self.name, self.run.uri, self.name)
-            return reuse()
+            try:
+                result = reuse()
+            except StageCorrupt as e:
+                if not cfg.run.overwrite:
+                    raise
+                log.warning("%s: rebuilding it (run.overwrite=true): %s", self.name, e)
+                self.clear()
+                self.begin(record, True)
+            else:
+                log.info("%s: reusing %s/%s (config and inputs unchanged)", self.name, self.run.uri, self.name)
+                return result
         result = make()
         self.write_yaml("config.yaml", cfg.to_dict())
         self.finish(record)
@@ -171,7 +255,13 @@ class Stage:
         for marker in (STAGE_FILE, PENDING_FILE):
             if not self.exists(marker):
                 continue
-            old = self.read_json(marker)
+            try:
+                old = self.read_json(marker)
+            except StageCorrupt:
+                if not overwrite:
+                    raise
+                self.clear()
+                break
             if old.get("fingerprint") == fp:
                 if marker == STAGE_FILE:
                     return True

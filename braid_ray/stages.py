@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from braid_ray.config import Config
 from braid_ray.data.encoding import decode, encode_strings
-from braid_ray.data.splits import Splits, offline_splits, summarize
+from braid_ray.data.splits import Splits, check_offline, offline_splits, summarize
 from braid_ray.data.tables import Labelled
 from braid_ray.data.tasks import Task, get_task
 from braid_ray.devices import resolve_device
@@ -35,7 +36,7 @@ from braid_ray.reward.fit import (RewardData, assemble, calibration, calibration
                                   train_spec)
 from braid_ray.reward.stacked import StackedNet
 from braid_ray.reward.train import train_members
-from braid_ray.rundir import RunDir, Stage, file_sha256, fingerprint, stage_record
+from braid_ray.rundir import RunDir, Stage, StageCorrupt, file_sha256, fingerprint, stage_record
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def data_stage(cfg: Config, run: RunDir) -> DataResult:
         log.info("data: reading %s", task.description)
         d = task.load()
         splits = offline_splits(d, params["oracle_fraction"], params["quantile"], cfg.run.seed)
+        check_offline(d, splits, trained_oracle=(cfg.oracle.kind or task.default_oracle) == "trained_cnn")
         summary = {"task": task.name, "description": task.description, **summarize(d, splits)}
         split = np.full(len(d), "above", dtype=object)
         split[splits.ora] = "ora"
@@ -165,7 +167,7 @@ def reward_stage(cfg: Config, run: RunDir, data: DataResult, trainer: MemberTrai
         return reward
 
     return stage.once(stage_record(cfg, ["reward"], {"data": data.fingerprint}), cfg, make,
-                      lambda: ConservativeReward.from_bytes(stage.read_bytes("reward.safetensors")))
+                      lambda: stage.load("reward.safetensors", ConservativeReward.from_bytes))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,7 +203,11 @@ def pretrain_stage(cfg: Config, run: RunDir, data: DataResult, runner: PretrainR
         log.info("pretrain: done in %.1f s, final loss %.4f", seconds, losses[-1] if losses else float("nan"))
         return fingerprint(record)
 
-    return stage.once(record, cfg, make, lambda: fingerprint(record))
+    def reuse() -> str:
+        stage.load("denoiser.safetensors", load_safetensors)  # a file that cannot be read is named now
+        return fingerprint(record)
+
+    return stage.once(record, cfg, make, reuse)
 
 
 def oracle_monitor(cfg: Config, run_dir: str) -> Monitor | None:
@@ -237,11 +243,22 @@ def finetune_in_process(cfg: Config, job: FinetuneJob, stage: Stage) -> tuple[di
                             monitor=oracle_monitor(cfg, job.run_dir))
     history: list[dict] = []
     if stage.exists("trainer_state.pt"):
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in ("trainable.safetensors", "trainer_state.pt", "history.json"):
-                Path(tmp, name).write_bytes(stage.read_bytes(name))
-            history = load_trainer_state(tuner, Path(tmp))
-        log.info("fine-tune %s: resumed at step %d", job.method, tuner.step)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name in ("trainable.safetensors", "trainer_state.pt", "history.json"):
+                    Path(tmp, name).write_bytes(stage.read_bytes(name))
+                history = load_trainer_state(tuner, Path(tmp))
+            log.info("fine-tune %s: resumed at step %d", job.method, tuner.step)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign checkpoint, whatever the parser says
+            where = f"{job.run_dir}/{stage.name}"
+            if not cfg.run.overwrite:
+                raise StageCorrupt(f"{where}: the interrupted run's checkpoint cannot be read ({type(e).__name__}: "
+                                   f"{e}). Delete {where}, or set run.overwrite=true, to start it again.") from e
+            log.warning("fine-tune %s: starting again (run.overwrite=true): its checkpoint cannot be read (%s)",
+                        job.method, e)
+            tuner = build_finetuner(cfg, job, seed=cfg.run.seed, device=resolve_device(cfg.run.device),
+                                    monitor=oracle_monitor(cfg, job.run_dir))
+            history = []
     ft = cfg.finetune
 
     def save(directory: Path) -> None:
@@ -273,4 +290,8 @@ def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upst
         stage.write_parquet("history.parquet", pd.DataFrame(history))
         write_finetune_summary(cfg, stage, method, history, time.perf_counter() - start)
 
-    stage.once(record, cfg, make, lambda: None)
+    def reuse() -> None:  # a file that cannot be read is named now, not in the evaluation
+        stage.load("trainable.safetensors", load_safetensors)
+        stage.read_parquet("history.parquet")
+
+    stage.once(record, cfg, make, reuse)

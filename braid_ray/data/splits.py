@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from braid_ray.data.tables import Labelled
+
+log = logging.getLogger(__name__)
+
+MIN_LENGTH = 4  # letters: shorter sequences leave nothing to design
+MIN_OFFLINE_ROWS = 20  # D_off rows the reward ensemble needs (held-out calibration rows and bootstrap resamples)
+MIN_ORACLE_ROWS = 50  # D_ora rows an oracle trained on them needs (its own validation rows included)
+FEW_VALUES = 10  # labels with at most this many distinct values are reported (screens, rounded scores)
 
 
 @dataclass
@@ -26,6 +34,9 @@ def below_quantile(y: np.ndarray, quantile: float, source: str, rows: str = "D")
     threshold, often tied on discrete scores, leaks in), as a mask, and the threshold."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if np.ptp(y) == 0:
+        raise ValueError(f"{source}: every label of {rows} is {y[0]:g}: there is nothing to rank or to optimise "
+                         "(check the label column)")
     threshold = float(np.quantile(y, quantile))
     below = y < threshold
     if not below.any():
@@ -47,6 +58,36 @@ def offline_splits(d: Labelled, oracle_fraction: float, quantile: float, seed: i
     below, threshold = below_quantile(d.y[zero], quantile, d.source, "D_0")
     off = zero[below]
     return Splits(ora, zero, off, threshold, quantile, oracle_fraction)
+
+
+def check_offline(d: Labelled, s: Splits, trained_oracle: bool) -> None:
+    """Degenerate data stops at the data stage, before any model trains, with what is wrong and what would fix
+    it: sequences too short to design, too few rows for the reward ensemble (or for an oracle trained on
+    D_ora), and offline labels that do not vary (a binary screen under any quantile: D_off then holds only its
+    lower value, and the reward would learn a constant)."""
+    if d.length < MIN_LENGTH:
+        raise ValueError(f"{d.source}: the sequences have {d.length} letter(s), too short to design (at least "
+                         f"{MIN_LENGTH}); check the sequence column and task.length")
+    if s.off.size < MIN_OFFLINE_ROWS:
+        raise ValueError(f"{d.source}: D_off has {s.off.size} row(s) (D_0 below its {s.quantile} quantile); the "
+                         f"reward ensemble needs at least {MIN_OFFLINE_ROWS} (its held-out rows and bootstrap "
+                         "resamples): give a larger table or raise data.quantile")
+    if trained_oracle and s.ora.size < MIN_ORACLE_ROWS:
+        raise ValueError(f"{d.source}: D_ora has {s.ora.size} row(s); an oracle trained on them needs at least "
+                         f"{MIN_ORACLE_ROWS}: raise data.oracle_fraction or give a larger table")
+    values = np.unique(d.y[s.zero])
+    shown = ", ".join(f"{v:g}" for v in values[:FEW_VALUES])
+    y_off = d.y[s.off]
+    if np.ptp(y_off) == 0:
+        fix = ("a label with two values (a hit call) cannot be ranked below a threshold: use a continuous label, "
+               "e.g. the measured activity the call was made from" if values.size <= 2 else
+               "raise data.quantile so that D_off spans at least two label values, or use a finer label")
+        raise ValueError(f"{d.source}: every D_off label is {y_off[0]:g} (y takes {values.size} distinct values "
+                         f"over D_0: {shown}; rows strictly below the {s.quantile} quantile, {s.threshold:g}, are "
+                         f"offline), so the reward would learn a constant: {fix}")
+    if values.size <= FEW_VALUES:
+        log.warning("%s: y takes only %d distinct values over D_0 (%s); D_off holds %d of them", d.source,
+                    values.size, shown, np.unique(y_off).size)
 
 
 def summarize(d: Labelled, s: Splits) -> dict:

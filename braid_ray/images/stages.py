@@ -156,7 +156,7 @@ def reward_stage(cfg: Config, run: RunDir, data: pd.DataFrame, data_fp: str) -> 
         return reward
 
     return stage.once(stage_record(cfg, ["reward"], {"data": data_fp}), cfg, make,
-                      lambda: ConservativeReward.from_bytes(stage.read_bytes("reward.safetensors")))
+                      lambda: stage.load("reward.safetensors", ConservativeReward.from_bytes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def _method_policy(cfg: Config, run: RunDir, method: str, device: torch.device):
     if method == "pretrained":
         return pretrained_policy(cfg, device)
     policy = build_policy(cfg, device)
-    weights = load_safetensors(run.stage(f"finetune/{method}").read_bytes("trainable_fp32.safetensors"))
+    weights = run.stage(f"finetune/{method}").load("trainable_fp32.safetensors", load_safetensors)
     if cfg.image.lora_rank > 0:  # back to peft's names (adapter "default") inside the policy's UNet
         weights = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
                    for k, v in weights.items()}
@@ -251,10 +251,20 @@ def evaluate_method(cfg: Config, method: str, device: torch.device) -> tuple[np.
 
 
 def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Sample eval.n_samples images per method (same prompts and seeds), score them, draw the figures.
+    """Sample eval.n_samples images per method (same prompts and seeds), score them, draw the figures; guarded
+    like every stage (a changed eval config or method list is a conflict, never a silent replacement).
 
     On a GPU cluster (``ray.num_workers > 0`` and ``ray.use_gpu``) each method samples in a Ray task with a GPU;
     otherwise here, on ``run.device``."""
+    stage = run.stage("eval")
+    upstream = run.fingerprints(["data", "reward", *(f"finetune/{m}" for m in cfg.finetune.methods)])
+    record = stage_record(cfg, ["eval"], upstream, methods=list(cfg.finetune.methods),
+                          image={k: getattr(cfg.image, k) for k in EVAL_ONLY})
+    return stage.once(record, cfg, lambda: _evaluate(cfg, run, summary, histories),
+                      lambda: pd.DataFrame(stage.read_json("metrics.json")))
+
+
+def _evaluate(cfg: Config, run: RunDir, summary: dict, histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
     stage = run.stage("eval")
     methods = ["pretrained", *cfg.finetune.methods]
     if cfg.ray.num_workers > 0 and cfg.ray.use_gpu:
@@ -313,7 +323,6 @@ def table_markdown(table: pd.DataFrame) -> str:
 def run_images(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
     """All image stages for ``cfg`` (earlier ones reused when unchanged); returns what the launch script prints."""
     run = RunDir(cfg.run.dir)
-    run.stage("").write_yaml("config.yaml", cfg.to_dict())
     data, summary, data_fp = offline_stage(cfg, run)
     out: dict = {"domain": "image", "run_dir": run.uri, "data": summary}
     if "reward" in stages or "finetune" in stages:
@@ -326,6 +335,7 @@ def run_images(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
             histories[method] = finetune_stage(cfg, run, method, upstream)
     if "eval" in stages:
         out["eval"] = table_markdown(evaluate_stage(cfg, run, summary, histories))
+    run.stage("").write_yaml("config.yaml", cfg.to_dict())  # only once every stage has accepted the config
     return out
 
 

@@ -1,0 +1,91 @@
+"""Nothing lost, nothing silently wrong in a run directory (issue 14): the evaluation is guarded like every
+stage, the top-level config.yaml follows only accepted configs, one run at a time holds the directory, and a
+file that cannot be read is named, with run.overwrite=true rebuilding its stage."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from braid_ray import pipeline
+from braid_ray.rundir import RunDir, RunDirBusy, RunDirError, StageConflict, StageCorrupt
+from tests.tiny import tiny_config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One finished tiny run (all stages), copied by each test that changes it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    pipeline.run(tiny_config(f"run.dir={run}"))
+    return run
+
+
+def _copy(finished: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    return run
+
+
+def test_a_changed_evaluation_is_a_conflict_and_replaces_nothing(finished: Path, tmp_path: Path) -> None:
+    run = _copy(finished, tmp_path)
+    before = {p.name: p.read_bytes() for p in (run / "eval").iterdir()}
+    config_before = (run / "config.yaml").read_bytes()
+    for change in ("eval.n_samples=16", "finetune.methods=[strl]"):
+        with pytest.raises(StageConflict, match="eval was made with a different config"):
+            pipeline.run(tiny_config(f"run.dir={run}", change))
+    assert {p.name: p.read_bytes() for p in (run / "eval").iterdir()} == before
+    assert (run / "config.yaml").read_bytes() == config_before  # a refused config is not recorded as the run's
+    table = pipeline.run(tiny_config(f"run.dir={run}"))["eval"]  # unchanged: the evaluation is reused
+    assert "| BRAID-Bonus |" in table
+    replaced = pipeline.run(tiny_config(f"run.dir={run}", "eval.n_samples=16", "run.overwrite=true"))
+    assert "| STRL | 16 |" in replaced["eval"]
+
+
+def test_a_second_run_in_the_same_directory_stops_naming_the_holder(tmp_path: Path) -> None:
+    run = RunDir(str(tmp_path / "run"))
+    with run.lock():
+        with pytest.raises(RunDirBusy, match=r"in use by pid \d+ on "):
+            with run.lock():
+                pass
+        other = subprocess.run([sys.executable, "-c", "import sys; from braid_ray.rundir import RunDir\n"
+                                f"with RunDir({str(tmp_path / 'run')!r}).lock(): pass"],
+                               capture_output=True, text=True, timeout=120)
+        assert other.returncode != 0 and "RunDirBusy" in other.stderr and "in use by pid" in other.stderr
+    with run.lock():  # released when the holder is done
+        pass
+
+
+def test_a_truncated_file_is_named_and_overwrite_rebuilds_its_stage(finished: Path, tmp_path: Path) -> None:
+    run = _copy(finished, tmp_path)
+    for path in (run / "reward" / "reward.safetensors", run / "finetune" / "strl" / "trainable.safetensors",
+                 run / "data" / "d.parquet", run / "pretrain" / "stage.json"):
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(StageCorrupt, match=r"data/d.parquet cannot be read .*run.overwrite=true"):
+        pipeline.run(tiny_config(f"run.dir={run}"))
+    summary = pipeline.run(tiny_config(f"run.dir={run}", "run.overwrite=true"))
+    assert "| STRL |" in summary["eval"]
+    for stage in ("data", "reward", "pretrain", "finetune/strl"):  # every stage loads again
+        RunDir(str(run)).stage(stage).read_json("stage.json")
+    pipeline.run(tiny_config(f"run.dir={run}"))
+
+
+def test_an_unreadable_checkpoint_of_an_interrupted_fine_tuning_is_named(finished: Path, tmp_path: Path) -> None:
+    run = _copy(finished, tmp_path)
+    stage = run / "finetune" / "strl"
+    (stage / "stage.json").rename(stage / "stage.pending.json")  # as an interrupted run leaves it
+    (stage / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(StageCorrupt, match=r"finetune/strl: the interrupted run's checkpoint cannot be read"):
+        pipeline.run(tiny_config(f"run.dir={run}", "run.overwrite=false"))
+    pipeline.run(tiny_config(f"run.dir={run}", "run.overwrite=true"))  # starts that method again
+    assert (stage / "stage.json").is_file()
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    with pytest.raises(RunDirError, match="is a file, not a directory"):
+        pipeline.run(tiny_config(f"run.dir={path}"))

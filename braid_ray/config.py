@@ -167,6 +167,10 @@ class EvalConfig:
     grad_ascent: bool = True  # add design-bench's Grad. row: gradient ascent on r_hat from the top of D_off
     grad_steps: int = 100  # Adam steps of that gradient ascent
     grad_lr: float = 0.1  # its learning rate on the logits
+    # The validity rule (braid_ray/eval/validity.py): a design is invalid (hacked) when a limit drawn from D fails.
+    hack_quantile: float = 0.01  # share of D's own rows each data-relative limit puts on the invalid side
+    hack_min_run: int = 8  # the homopolymer limit is at least this long, whatever D's runs are
+    hack_elbo_rows: int = 1024  # rows of D (a seeded sample) whose ELBO under the pretrained model sets its limit
 
 
 @dataclass
@@ -479,6 +483,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "an integer >= 1")
     _check(cfg.eval.grad_steps >= 0, "eval.grad_steps", cfg.eval.grad_steps, "an integer >= 0")
     _check(cfg.eval.grad_lr > 0, "eval.grad_lr", cfg.eval.grad_lr, "a positive learning rate")
+    _check(0 < cfg.eval.hack_quantile < 0.5, "eval.hack_quantile", cfg.eval.hack_quantile, "a share in (0, 0.5)")
+    _check(cfg.eval.hack_min_run >= 2, "eval.hack_min_run", cfg.eval.hack_min_run, "an integer >= 2")
+    _check(cfg.eval.hack_elbo_rows >= 10, "eval.hack_elbo_rows", cfg.eval.hack_elbo_rows, "an integer >= 10")
     _check(cfg.ray.num_workers >= 0, "ray.num_workers", cfg.ray.num_workers, "an integer >= 0 (0 = in-process)")
     _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "a positive CPU count")
     _check(not cfg.tracking.tensorboard or "://" not in cfg.run.dir, "tracking.tensorboard", True,

@@ -30,8 +30,7 @@ from braid_ray.data.tables import Labelled
 from braid_ray.diffusion.likelihood import ELBO_T_SAMPLES, elbo, unsupported
 from braid_ray.diffusion.pretrain import build_backbone
 from braid_ray.diffusion.sampler import FineTunedPolicy, rollout
-from braid_ray.eval import (COLUMNS, ELBO_DATA_ROWS, HOMOPOLYMER_MIN_RUN, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS,
-                            PER_DESIGN, ValidityRule, design_statistics, method_metrics, results_table, samples_frame,
+from braid_ray.eval import (COLUMNS, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS, PER_DESIGN, ValidityRule, design_statistics, method_metrics, results_table, samples_frame,
                             score_distributions, to_markdown, top_rows, training_curves, validity_metrics,
                             validity_rule, write_fasta, write_report)
 from braid_ray.finetune.run import load_pretrained, load_reward
@@ -176,8 +175,10 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
         return elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=cfg.run.seed)
 
     stats = design_statistics({**codes, **references}, d.codes, None if no_elbo else elbo_fn)
-    elbo_sample = ref_rng.choice(len(d), size=min(ELBO_DATA_ROWS, len(d)), replace=False)
-    rule = validity_rule(d.codes, None if no_elbo else elbo_fn(d.codes[elbo_sample]))
+    ev = cfg.eval
+    elbo_sample = ref_rng.choice(len(d), size=min(ev.hack_elbo_rows, len(d)), replace=False)
+    rule = validity_rule(d.codes, None if no_elbo else elbo_fn(d.codes[elbo_sample]), quantile=ev.hack_quantile,
+                         min_run=ev.hack_min_run)
     log.info("validity statistics of %d designs and the rule from D: %.1f s",
              sum(len(v["entropy"]) for v in stats.values()), time.perf_counter() - started)
     uatg = data.task.name in UATG_TASKS
@@ -223,7 +224,7 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
                  f"Best offline design (D_off, scored by the oracle): {best_offline:.4g}; worst: {worst_offline:.4g}.",
                  "Offline rows are real measured designs; generated designs are scored by the oracle only.",
                  *validity_notes(rule, d.length, len(d), kmer_rows.size, {m: len(c) for m, c in references.items()},
-                                 worst_offline, int(elbo_sample.size), no_elbo)]
+                                 worst_offline, int(elbo_sample.size), no_elbo, ev.hack_min_run)]
         validity_table = table[[c for c in VALIDITY_COLUMNS if c in table.columns]]
         tables = {"Validity per design (medians; the rule is under Notes)": validity_table}
         if agreement:
@@ -237,7 +238,7 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
 
 
 def validity_notes(rule: ValidityRule, length: int, n_data: int, n_kmer: int, n_refs: dict[str, int],
-                   worst_offline: float, n_elbo: int, no_elbo: str | None) -> list[str]:
+                   worst_offline: float, n_elbo: int, no_elbo: str | None, min_run: int) -> list[str]:
     """The report's account of the validity rule, the 3-mer reference and the reference rows."""
     elbo_note = (f"ELBO: DDPM's variational lower bound on log p(sequence) under the pretrained model, with a "
                  f"categorical decoder (braid_ray/diffusion/likelihood.py; per sequence the steps t = 1 and T and "
@@ -248,7 +249,7 @@ def validity_notes(rule: ValidityRule, length: int, n_data: int, n_kmer: int, n_
     tail = f"{100 * rule.quantile:g}"
     return [f"Validity rule: a design is invalid (hacked) if {rule.describe(length)}. The limits come from D "
             f"({n_data:,} rows): a run longer than D's {100 - 100 * rule.quantile:g}th percentile (and at least "
-            f"{HOMOPOLYMER_MIN_RUN}), entropy and ELBO below D's {tail}{'st' if tail == '1' else 'th'} percentile "
+            f"{min_run}), entropy and ELBO below D's {tail}{'st' if tail == '1' else 'th'} percentile "
             f"(the ELBO over {n_elbo:,} sampled rows of D), so about 1-3% of D's own rows fail it; the Offline rows "
             "show that level.",
             f"median_penalized scores each invalid design as the worst offline design ({worst_offline:.4g}): a "

@@ -4,6 +4,7 @@ file that cannot be read is named, with run.overwrite=true rebuilding its stage.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -89,3 +90,15 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     path.write_text("x")
     with pytest.raises(RunDirError, match="is a file, not a directory"):
         pipeline.run(tiny_config(f"run.dir={path}"))
+
+
+def test_the_validity_rule_reads_its_limits_from_the_config(tmp_path: Path) -> None:
+    """eval.hack_quantile / hack_min_run / hack_elbo_rows reach the rule (they were module constants)."""
+    run = tmp_path / "run"
+    pipeline.run(tiny_config(f"run.dir={run}", "eval.hack_quantile=0.3", "eval.hack_min_run=6",
+                             "eval.hack_elbo_rows=100"))
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["validity_rule"]["quantile"] == 0.3
+    assert metrics["validity_rule"]["homopolymer_run"] == 6  # a 5-mer's runs are shorter: the floor decides
+    assert metrics["elbo"]["data_rows"] == 100
+    assert "(and at least 6)" in (run / "eval" / "report.md").read_text()

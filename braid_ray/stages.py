@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 from braid_ray.config import Config
 from braid_ray.data.encoding import decode, encode_strings
 from braid_ray.data.splits import Splits, check_offline, offline_splits, summarize
-from braid_ray.data.tables import Labelled
+from braid_ray.data.tables import Labelled, check_file
 from braid_ray.data.tasks import Task, get_task
 from braid_ray.devices import resolve_device
 from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrain
@@ -60,8 +60,7 @@ def data_stage(cfg: Config, run: RunDir) -> DataResult:
     """D -> D_ora / D_0 / D_off, written as Parquet with a JSON summary (reused when unchanged)."""
     task = get_task(cfg.task)
     for path in task.input_files():
-        if not path.is_file():
-            raise FileNotFoundError(f"task {task.name}: table not found: {path}")
+        check_file(path)
     params = _resolved_data(cfg, task)
     # Inputs by file name and content, not path: under `ray job submit` the bundled tables live in the job's
     # working_dir, whose path changes with every submission (a user table's path is in the task section).

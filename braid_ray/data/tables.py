@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +44,32 @@ class Labelled:
 def check_file(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"table not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give the table file itself (CSV, TSV or Parquet, plain or .gz)")
     if not path.is_file():
         raise ValueError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty")
+
+
+def _header(path: Path) -> str:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", errors="replace") as f:
+        return f.readline()
+
+
+def _delimiter_hint(path: Path, used: str) -> str:
+    """Why columns may be missing: the header looks separated by another character than the one used."""
+    try:
+        header = _header(path)
+    except (OSError, EOFError):  # a broken file: its own error says so
+        return ""
+    names = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+    other = max((d for d in names if d != used), key=header.count)
+    if header.count(other) > header.count(used):
+        return (f"; the file was read as {names[used]}-separated (from its name), but its header seems "
+                f"{names[other]}-separated: convert it, or name it .tsv / .csv to match")
+    return ""
 
 
 def _delimiter(path: Path) -> str:
@@ -55,9 +78,7 @@ def _delimiter(path: Path) -> str:
         return ","
     if name.endswith((".tsv", ".txt", ".tab")):
         return "\t"
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", errors="replace") as f:
-        header = f.readline()
+    header = _header(path)
     return "\t" if header.count("\t") > header.count(",") else ","
 
 
@@ -66,11 +87,13 @@ def read_table(path: str | Path, columns: list[str], max_rows: int | None = None
 
     Returns the frame and a Locator that maps row i back to its file line (text) or row (Parquet).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     check_file(path)
     lower = path.name.lower()
+    parquet = lower.endswith((".parquet", ".pq"))
+    delimiter = None if parquet else _delimiter(path)
     try:
-        if lower.endswith((".parquet", ".pq")):
+        if parquet:
             table = pq.read_table(path)
             locator = Locator(str(path), first_line=None)
         else:
@@ -78,20 +101,34 @@ def read_table(path: str | Path, columns: list[str], max_rows: int | None = None
             table = pacsv.read_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=1 << 24),
-                parse_options=pacsv.ParseOptions(delimiter=_delimiter(path), ignore_empty_lines=False),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False),
                 convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
                                                      strings_can_be_null=True),
             )
             locator = Locator(str(path), first_line=2)
     except (pa.ArrowInvalid, OSError, EOFError, gzip.BadGzipFile) as e:
-        raise ValueError(f"{path}: cannot read as a table ({type(e).__name__}: {e})") from None
-    missing = [c for c in columns if c not in table.column_names]
+        hint = _delimiter_hint(path, delimiter) if delimiter else ""
+        raise ValueError(f"{path}: cannot read as a table ({type(e).__name__}: {e}){hint}") from None
+    names = table.column_names
+    twice = sorted({c for c in columns if names.count(c) > 1})
+    if twice:
+        raise ValueError(f"{path}: column(s) {twice} appear more than once in the header; rename the copies")
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the file has {table.column_names}")
+        hint = _delimiter_hint(path, delimiter) if delimiter else ""
+        raise ValueError(f"{path}: missing column(s) {missing}; the file has {names}{hint}")
     if table.num_rows == 0:
         raise ValueError(f"{path}: the table has a header but no rows")
     frame = table.select(columns).slice(0, max_rows).to_pandas()
     return frame, locator
+
+
+def check_text(values: pd.Series, locator: Locator, column: str) -> None:
+    """A sequence column must hold text (a Parquet export may have stored numbers or bytes)."""
+    kinds = {type(v).__name__ for v in values.dropna().iloc[:1000] if not isinstance(v, str)}
+    if kinds:
+        raise ValueError(f"{locator.source}: column {column!r} holds {', '.join(sorted(kinds))} values, expected "
+                         "text sequences over A, C, G, T")
 
 
 def parse_labels(values: pd.Series, locator: Locator, column: str) -> np.ndarray:
@@ -102,7 +139,9 @@ def parse_labels(values: pd.Series, locator: Locator, column: str) -> np.ndarray
         i = int(bad[0])
         raw = values.iloc[i]
         what = "missing or NaN" if raw is None or (isinstance(raw, float) and np.isnan(raw)) else f"{raw!r}"
-        raise ValueError(f"{locator.where(i)}: label {column!r} is {what}, expected a finite number; "
+        comma = isinstance(raw, str) and re.fullmatch(r"\s*[-+]?\d*,\d+\s*", raw)
+        hint = " (a decimal comma? write numbers with a decimal point)" if comma else ""
+        raise ValueError(f"{locator.where(i)}: label {column!r} is {what}, expected a finite number{hint}; "
                          f"{bad.size} row(s) have no finite label")
     return y
 
@@ -130,6 +169,7 @@ def labelled_from_frame(
     invalid_letters: str = "error",
 ) -> Labelled:
     """Validate a frame of (sequence, label) strings into a Labelled set, duplicates merged."""
+    check_text(frame[sequence_column], locator, sequence_column)
     codes, keep = encode(frame[sequence_column].tolist(), locator, length, invalid_letters)
     y = parse_labels(frame[label_column], locator, label_column)
     codes, y = merge_duplicates(codes, y[keep], locator.source)

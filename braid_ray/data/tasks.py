@@ -127,29 +127,29 @@ class UserTable(Task):
 
 
 def _tfbind8(c: TaskConfig) -> Task:
-    return TFBind8("tfbind8", Path(c.path) if c.path else ASSETS / "tfbind8_six6" / "SIX6_REF_R1_8mers.txt",
+    return TFBind8("tfbind8", Path(c.path).expanduser() if c.path else ASSETS / "tfbind8_six6" / "SIX6_REF_R1_8mers.txt",
                    0.5, 0.0, "table", "TFBind8: all 8-mers, PBM binding E-score (SIX6_REF_R1 by default)", c)
 
 
 def _tfbind5(c: TaskConfig) -> Task:
-    return TFBind5("tfbind5", Path(c.path) if c.path else ASSETS / "tfbind8_six6" / "SIX6_REF_R1_8mers.txt",
+    return TFBind5("tfbind5", Path(c.path).expanduser() if c.path else ASSETS / "tfbind8_six6" / "SIX6_REF_R1_8mers.txt",
                    0.5, 0.0, "table", "TFBind5: all 5-mers, mean E-score of their 8-mer extensions (tiny, exact)", c)
 
 
 def _utr_mrl(c: TaskConfig) -> Task:
     bundled = "utr_mrl_ci_2k.csv" if c.subset == "ci" else "utr_mrl_egfp_unmod_1_top280k.csv.gz"
-    return UTRMeanRibosomeLoad("utr_mrl", Path(c.path) if c.path else ASSETS / "utr_mrl_sample2019" / bundled,
+    return UTRMeanRibosomeLoad("utr_mrl", Path(c.path).expanduser() if c.path else ASSETS / "utr_mrl_sample2019" / bundled,
                                0.6, 0.5, "optimus5p", "5'UTR mean ribosome load (Sample et al. 2019)", c)
 
 
 def _dhs(c: TaskConfig) -> Task:
     bundled = ASSETS / "dhs_4celltypes_dnadiffusion" / "K562_hESCT0_HepG2_GM12878_12k_sequences_per_group.txt.gz"
-    return DHSAccessibility("dhs", Path(c.path) if c.path else bundled, 0.95, 0.5, "trained_cnn",
+    return DHSAccessibility("dhs", Path(c.path).expanduser() if c.path else bundled, 0.95, 0.5, "trained_cnn",
                             f"200-bp DHS accessibility in {c.cell_type} (stand-in for the enhancer task)", c)
 
 
 def _csv(c: TaskConfig) -> Task:
-    return UserTable("csv", Path(c.path or ""), 0.9, 0.5, "trained_cnn",
+    return UserTable("csv", Path(c.path or "").expanduser(), 0.9, 0.5, "trained_cnn",
                      f"user table {c.path} ({c.sequence_column} -> {c.label_column})", c)
 
 

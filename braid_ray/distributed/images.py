@@ -52,8 +52,8 @@ def _rng_file(rank: int) -> str:
 
 
 def _import_deepspeed(use_gpu: bool):
-    """DeepSpeed, set up for CPU when there is no GPU (DESIGN.md, Pitfalls): the CPU accelerator, and no
-    shared-memory comm op, which would compile C++ for a minute; Ray's gloo process group serves instead."""
+    """DeepSpeed, set up for CPU when there is no GPU (docs/architecture.md, Pitfalls): the CPU accelerator,
+    and no shared-memory comm op, which would compile C++ for a minute; Ray's gloo process group serves instead."""
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from braid_ray.config import Config, ConfigError, load_config, parse_override, read_yaml
-from braid_ray.rundir import StageConflict
+from braid_ray.rundir import RunDirError
 
 log = logging.getLogger("braid_ray")
 
@@ -69,7 +69,7 @@ def run_main(main: Callable[[], None], argv: Sequence[str] | None = None) -> Non
     default ``sys.argv[1:]``, or in its --config preset) shows the traceback."""
     try:
         main()
-    except (ConfigError, StageConflict, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (ConfigError, RunDirError, FileNotFoundError, ValueError, FloatingPointError) as e:
         if debug_requested(sys.argv[1:] if argv is None else argv):
             raise
         log.error("%s", e)

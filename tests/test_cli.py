@@ -9,6 +9,7 @@ import pytest
 
 from braid_ray import cli
 from braid_ray.config import ConfigError
+from braid_ray.rundir import RunDirBusy, RunDirError, StageCorrupt
 from tests.conftest import ROOT
 
 BAD_TABLE = "t.csv line 3: letter 'N' at position 3 is not one of A, C, G, T"
@@ -52,3 +53,15 @@ def test_a_bad_override_exits_2_with_one_line_or_raises_with_run_debug(capsys) -
         "config error: task.name: got 'protein', expected one of ['csv', 'dhs', 'tfbind5', 'tfbind8', 'utr_mrl']"]
     with pytest.raises(ConfigError, match="task.name: got 'protein'"):
         cli.parse("test", ["task.name=protein", "run.debug=true"])
+
+
+@pytest.mark.parametrize("error", [RunDirBusy("run.dir /x is in use by pid 1 on h"),
+                                   StageCorrupt("/x/reward/reward.safetensors cannot be read"),
+                                   RunDirError("run.dir /x is a file, not a directory")])
+def test_run_directory_errors_are_one_line_too(caplog, error: Exception) -> None:
+    def fail() -> None:
+        raise error
+
+    with caplog.at_level(logging.ERROR, logger="braid_ray"), pytest.raises(SystemExit) as exit_:
+        cli.run_main(fail, argv=[])
+    assert exit_.value.code == 2 and [r.getMessage() for r in caplog.records] == [str(error)]

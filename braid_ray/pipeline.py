@@ -9,7 +9,7 @@ import logging
 
 from braid_ray.config import Config
 from braid_ray.reward.fit import calibration_markdown
-from braid_ray.rundir import RunDir
+from braid_ray.rundir import RunDir, Stage
 from braid_ray.stages import (FinetuneRunner, MemberTrainer, PretrainRunner, data_stage, finetune_in_process,
                               finetune_stage, oracle_stage, pretrain_in_process, pretrain_stage, reward_stage,
                               train_in_process)
@@ -86,6 +86,63 @@ def _run_sequences(cfg: Config, run_dir: RunDir, stages: tuple[str, ...]) -> dic
 
         summary["eval"] = to_markdown(evaluate_stage(cfg, run_dir, data, oracle, cfg.finetune.methods))
     return summary
+
+
+def check(cfg: Config) -> str:
+    """A dry run: validate the table and the split (the data stage's checks, degenerate data included), say what
+    the run directory holds and what the run would need; trains nothing and writes nothing."""
+    import math
+
+    from braid_ray.data.splits import check_offline, offline_splits, summarize
+    from braid_ray.data.tables import check_file
+    from braid_ray.data.tasks import get_task
+    from braid_ray.stages import _resolved_data
+
+    lines = [f"config      valid ({cfg.domain} domain)"]
+    run_dir = RunDir(cfg.run.dir)
+    if cfg.domain == "sequence":
+        task = get_task(cfg.task)
+        for path in task.input_files():
+            check_file(path)
+        d = task.load()
+        params = _resolved_data(cfg, task)
+        splits = offline_splits(d, params["oracle_fraction"], params["quantile"], cfg.run.seed)
+        check_offline(d, splits, trained_oracle=(cfg.oracle.kind or task.default_oracle) == "trained_cnn")
+        rows = summarize(d, splits)["rows"]
+        lines += [f"task        {task.name}: {task.description}",
+                  f"rows        D {rows['D']:,} | D_ora {rows['D_ora']:,} | D_0 {rows['D_0']:,} | D_off {rows['D_off']:,}"
+                  f" (sequences of {d.length} letters; D_off = D_0 below its {params['quantile']} quantile, "
+                  f"y < {splits.threshold:.4g})"]
+        df, ft = cfg.diffusion, cfg.finetune
+        lines += ["work        reward: {} members x at most {} epochs over {:,} rows".format(
+                      cfg.reward.members, cfg.reward.epochs, rows["D_off"]),
+                  "            pretrain: {} epochs x {:,} steps of batch {} (T = {})".format(
+                      df.epochs, math.ceil(rows["D"] / df.batch_size), df.batch_size, df.steps),
+                  "            fine-tune: {} method(s) x at most {} steps of {} samples (K = {} of T = {})".format(
+                      len(ft.methods), ft.steps, ft.batch_size, ft.k, df.steps),
+                  "            eval: {} designs per method and the pretrained model".format(cfg.eval.n_samples)]
+    r = cfg.ray
+    where = ("in this process (ray.num_workers=0) on " + cfg.run.device if r.num_workers == 0 else
+             f"{r.num_workers} Ray Train workers x {r.cpus_per_worker:g} CPU" + (" + 1 GPU" if r.use_gpu else "")
+             + (" (autoscaling cluster)" if r.autoscaling else ""))
+    lines.append(f"resources   {where}")
+    names = [f"finetune/{m}" if name == "finetune" else name for name in ALL_STAGES
+             for m in (cfg.finetune.methods if name == "finetune" else [None])]
+    by_state: dict[str, list[str]] = {}
+    for name in names:
+        by_state.setdefault(_stage_state(run_dir.stage(name)), []).append(name)
+    lines.append(f"run dir     {run_dir.uri}")
+    lines += [f"            {state}: {', '.join(stages)}" for state, stages in by_state.items()]
+    lines.append("dry run     nothing was trained or written")
+    return "\n".join(lines)
+
+
+def _stage_state(stage: Stage) -> str:
+    if stage.exists("stage.json"):
+        return "finished (reused when its config is unchanged, else a conflict)"
+    if stage.exists("stage.pending.json"):
+        return "interrupted (resumes)"
+    return "to run"
 
 
 def _oracle_quality(o: dict) -> str:

@@ -102,3 +102,21 @@ def test_the_validity_rule_reads_its_limits_from_the_config(tmp_path: Path) -> N
     assert metrics["validity_rule"]["homopolymer_run"] == 6  # a 5-mer's runs are shorter: the floor decides
     assert metrics["elbo"]["data_rows"] == 100
     assert "(and at least 6)" in (run / "eval" / "report.md").read_text()
+
+
+def test_a_dry_run_checks_the_table_and_split_and_writes_nothing(finished: Path, tmp_path: Path) -> None:
+    run = _copy(finished, tmp_path)
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    text = pipeline.check(tiny_config(f"run.dir={run}", "finetune.methods=[strl,braid_boot]"))
+    assert "rows        D 1,024 | D_ora 0 | D_0 1,024 | D_off 512" in text
+    assert "finished (reused when its config is unchanged, else a conflict): data, oracle, reward, pretrain, " \
+           "finetune/strl, eval" in text and "to run: finetune/braid_boot" in text
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    fresh = tmp_path / "fresh"
+    assert "to run: data, oracle" in pipeline.check(tiny_config(f"run.dir={fresh}")) and not fresh.exists()
+    binary = tmp_path / "binary.csv"
+    binary.write_text("seq,y\n" + "\n".join(f"{'ACGT'[i % 4]}{'ACGT'[i // 4 % 4]}{'ACGT'[i // 16 % 4]}"
+                                             f"{'ACGT'[i // 64 % 4]}A,{i % 3 == 0:d}" for i in range(256)))
+    with pytest.raises(ValueError, match="every D_off label is 0"):  # degenerate data fails the dry run too
+        pipeline.check(tiny_config(f"run.dir={fresh}", "task.name=csv", f"task.path={binary}",
+                                   "task.sequence_column=seq", "task.label_column=y", "oracle.kind=kmer_ridge"))

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from braid_ray.config import Config, TrackingConfig
@@ -66,14 +67,18 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def plateaued(history: list[dict], window: int, tol: float) -> bool:
-    """The plateau rule: the mean objective of the last ``window`` steps is less than ``tol`` above that of the
-    ``window`` steps before them (objective in z-units of y; rank-averaged, so every rank agrees). Off when
-    ``window`` is 0. A pure function of the history, so a resumed run decides as the uninterrupted one did."""
+    """The plateau rule: stop once the objective has confidently stopped improving, i.e. the mean objective of
+    the last ``window`` steps exceeds that of the ``window`` steps before by less than ``tol`` even at two
+    standard errors of that difference (objective in z-units of y; rank-averaged, so every rank agrees). The
+    objective of a batch is noisy: without the standard error a slow start (small gains under a larger noise)
+    looks like a plateau and the run stops before the policy has moved. Off when ``window`` is 0. A pure
+    function of the history, so a resumed run decides as the uninterrupted one did."""
     if window <= 0 or len(history) < 2 * window:
         return False
-    last = sum(h["objective"] for h in history[-window:]) / window
-    before = sum(h["objective"] for h in history[-2 * window:-window]) / window
-    return last - before < tol
+    last = np.array([h["objective"] for h in history[-window:]], dtype=np.float64)
+    before = np.array([h["objective"] for h in history[-2 * window:-window]], dtype=np.float64)
+    se = math.sqrt((last.var(ddof=1) + before.var(ddof=1)) / window) if window > 1 else 0.0
+    return bool(last.mean() - before.mean() + 2.0 * se < tol)
 
 
 def drive(tuner: Steppable, steps: int, *, sinks: list[Sink], save: Save | None = None, checkpoint_every: int = 0,

@@ -27,6 +27,7 @@ from braid_ray.config import Config
 from braid_ray.data.splits import below_quantile
 from braid_ray.devices import resolve_device
 from braid_ray.eval.plots import score_distributions
+from braid_ray.eval.report import to_markdown
 from braid_ray.finetune.loop import FINETUNE_RUN_KEYS, drive, tracking_sinks, write_finetune_summary
 from braid_ray.images import evaluate as ev
 from braid_ray.images.export import LORA_WEIGHT_NAME, lora_only, save_lora_for_diffusers, unet_weights
@@ -311,10 +312,7 @@ def report_markdown(cfg: Config, summary: dict, table: pd.DataFrame) -> str:
 def table_markdown(table: pd.DataFrame) -> str:
     cols = ["method", "images", "oracle_median", "oracle_mean", "oracle_p90", "oracle_max", "above_best_offline",
             "r_hat", "g_hat"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in table.iterrows():
-        out.append("| " + " | ".join(str(r[c]) if c in ("method", "images") else f"{r[c]:.4f}" for c in cols) + " |")
-    return "\n".join(out)
+    return to_markdown(table[cols])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,8 +47,18 @@ def debug_requested(argv: Sequence[str]) -> bool:
 def parse(description: str, argv: list[str] | None = None, default_config: str | None = None) -> Config:
     """Parse ``[--config FILE] [key=value ...]`` into a validated Config; exit with the message on a bad key
     (raise it with run.debug=true)."""
+    return parse_args(description, argv, default_config)[0]
+
+
+def parse_args(description: str, argv: list[str] | None = None, default_config: str | None = None,
+               check_flag: bool = False) -> tuple[Config, argparse.Namespace]:
+    """``parse``, also returning the parsed arguments; ``check_flag`` adds ``--check`` (a dry run)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="YAML preset (see configs/)")
+    if check_flag:
+        parser.add_argument("--check", action="store_true",
+                            help="validate the config, the table and the split, say what the run would do; "
+                                 "train and write nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.dir=runs/x data.quantile=0.5")
     args = parser.parse_intermixed_args(argv)  # overrides may stand before and after --config
     setup_logging()
@@ -60,7 +70,7 @@ def parse(description: str, argv: list[str] | None = None, default_config: str |
             raise
         parser.exit(2, f"config error: {e}\n")
     log.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-    return cfg
+    return cfg, args
 
 
 def run_main(main: Callable[[], None], argv: Sequence[str] | None = None) -> None:

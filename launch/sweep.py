@@ -9,7 +9,7 @@ Overrides: ``sweep.<setting>=value`` changes the sweep's settings, any other ``k
 (e.g. ``finetune.steps=100``). The reward and pretrained model are trained (or reused) once, then each trial
 fine-tunes one configuration. Re-running the same command resumes an interrupted sweep: finished trials are
 kept, not re-run. Results: <storage>/<name>/results/ (trials.parquet/.csv, seeds.md, heatmap.png, best.yaml).
-Trials at once: as many as the cluster fits at its largest (on an autoscaling cluster, BRAID_AUTOSCALING=1,
+Trials at once: as many as the cluster fits at its largest (on an autoscaling cluster, ray.autoscaling=true,
 from sweep.cluster_max), or sweep.max_concurrent_trials; sweep.gpus_per_trial=0.25 shares a GPU between trials.
 """
 

@@ -25,7 +25,7 @@ from braid_ray.distributed import train, workers
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, read_checkpoint
 from tests import faults
 from tests.conftest import ROOT
-from tests.test_pipeline import FAST
+from tests.tiny import FAST
 
 ray.cloudpickle.register_pickle_by_value(faults)  # the patched worker carries the fault code to Ray's workers
 

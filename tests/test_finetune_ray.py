@@ -5,23 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from braid_ray import pipeline
-from braid_ray.config import load_config
 from tests.test_loop import read_scalars
+from tests.tiny import tiny_config
 
-TINY = ["reward.members=2", "reward.epochs=1", "reward.channels=8", "reward.hidden=16",
-        "diffusion.epochs=1", "diffusion.steps=4", "diffusion.channels=8", "diffusion.blocks=1",
-        "diffusion.batch_size=2048", "finetune.k=2", "finetune.steps=4", "finetune.batch_size=8",
-        "finetune.checkpoint_every=2", "finetune.methods=[braid_bonus]", "eval.n_samples=16", "ray.num_workers=2",
-        "tracking.tensorboard=true"]
+ON_RAY = ("ray.num_workers=2", "finetune.steps=4", "finetune.checkpoint_every=2", "finetune.methods=[braid_bonus]",
+          "eval.n_samples=16", "tracking.tensorboard=true")
 
 
+@pytest.mark.slow  # two Ray Train runs of 2 workers: ~20 s each on 2 CPUs, whatever the model size
 def test_pretrain_and_finetune_on_ray_train(tmp_path: Path, ray_local) -> None:
-    cfg = load_config(None, [f"run.dir={tmp_path}", *TINY])
+    # The reward ensemble on Ray Train has its own tests (test_reward_ray.py): here it trains in this process, and
+    # the run on Ray reuses it (a stage's record never says where it ran).
+    pipeline.run(tiny_config(f"run.dir={tmp_path}", *ON_RAY, "ray.num_workers=0"), stages=("data", "reward"))
+    cfg = tiny_config(f"run.dir={tmp_path}", *ON_RAY)
     summary = pipeline.run(cfg)
+    assert not (tmp_path / "reward" / "ray").exists() and any((tmp_path / "pretrain" / "ray").iterdir())
     assert "| BRAID-Bonus | 16 |" in summary["eval"]
     pre = load_file(str(tmp_path / "pretrain" / "denoiser.safetensors"))
     tuned = load_file(str(tmp_path / "finetune" / "braid_bonus" / "trainable.safetensors"))

@@ -12,7 +12,7 @@ import torch
 from braid_ray import pipeline
 from braid_ray.config import load_config
 from braid_ray.rundir import RunDir
-from tests.test_pipeline import FAST
+from tests.tiny import FAST
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -52,8 +52,8 @@ def test_the_gpu_smoke_script_runs_its_checks_on_the_cpu(tmp_path: Path) -> None
 
     from tests.conftest import ROOT
 
-    args = ["--cpu", f"run.dir={tmp_path}", "diffusion.steps=5", "finetune.k=2", "finetune.steps=2",
-            "reward.epochs=1", "diffusion.epochs=1", "eval.n_samples=16"]
+    args = ["--cpu", f"run.dir={tmp_path}", "task.name=tfbind5", "diffusion.steps=5", "finetune.k=2",
+            "finetune.steps=2", "reward.epochs=1", "diffusion.epochs=1", "eval.n_samples=16"]
     out = subprocess.run([sys.executable, str(ROOT / "launch" / "gpu_smoke.py"), *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

@@ -31,9 +31,9 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from tests import faults
 from tests.conftest import ROOT
-from tests.test_pipeline import FAST
+from tests.tiny import FAST
 
-# FAST's tiny models, Ray Train (one worker per trainer) for every stage, and a checkpoint half-way through
+# FAST's tiny task and models, Ray Train (one worker per trainer) for every stage, and a checkpoint half-way through
 # fine-tuning. Each test fine-tunes its own method in the same run directory, so the second reuses the rest.
 JOB = (*FAST, "ray.num_workers=1", "finetune.steps=4", "finetune.checkpoint_every=2")
 TIMEOUT_S = 900

@@ -16,7 +16,7 @@ from braid_ray.diffusion.gaussian import GaussianOneHotDiffusion
 from braid_ray.diffusion.sampler import FineTunedPolicy
 from braid_ray.finetune.loop import NonFiniteStop, ProgressSink, drive
 from braid_ray.finetune.trainer import FineTuner
-from tests.test_pipeline import FAST
+from tests.tiny import FAST
 
 
 class Recorder:

@@ -13,11 +13,14 @@ from braid_ray.config import load_config
 from braid_ray.reward.conservative import ConservativeReward, checkpoint_extra
 from braid_ray.rundir import RunDir
 from braid_ray.stages import data_stage, reward_stage, train_in_process
+from tests.tiny import ROWS, TASK
 
-SMALL = ["reward.members=3", "reward.epochs=2", "reward.channels=8", "reward.hidden=16", "reward.batch_size=512"]
+SMALL = [*TASK, "reward.members=3", "reward.epochs=2", "reward.channels=8", "reward.hidden=16",
+         "reward.batch_size=512"]
 
 
-def test_ray_ensemble_on_tfbind8_matches_in_process_members(tmp_path: Path, ray_local) -> None:
+@pytest.mark.slow  # a Ray Train run of 2 workers: ~20 s on 2 CPUs, whatever the model size
+def test_ray_ensemble_matches_in_process_members(tmp_path: Path, ray_local) -> None:
     cfg = load_config(None, [f"run.dir={tmp_path / 'ray'}", "ray.num_workers=2", *SMALL])
     summary = pipeline.run(cfg, stages=("data", "reward"))
     stage = RunDir(cfg.run.dir).stage("reward")
@@ -27,7 +30,7 @@ def test_ray_ensemble_on_tfbind8_matches_in_process_members(tmp_path: Path, ray_
     on_ray = ConservativeReward.from_bytes(data)
     assert on_ray.net.members == [0, 1, 2] and len(checkpoint_extra(data)["members"]) == 3
     assert set(summary["reward"]) == {"none", "min", "lcb", "bonus"}
-    assert summary["reward"]["bonus"]["in"]["rows"] == round(0.1 * 32_768)
+    assert summary["reward"]["bonus"]["in"]["rows"] == round(0.1 * ROWS["D_off"])
 
     # The same members trained in one process, as one stack of 3, have the same weights as the two workers'.
     local_cfg = load_config(None, [f"run.dir={tmp_path / 'local'}", "ray.num_workers=0", *SMALL])
@@ -57,6 +60,7 @@ def test_member_slices_cover_every_member_once() -> None:
             assert max(map(len, slices)) - min(map(len, slices)) <= 1
 
 
+@pytest.mark.slow  # a Ray Train run of 2 workers
 def test_mlp_members_over_embeddings_train_on_ray_workers_like_in_process(tmp_path: Path, ray_local) -> None:
     """The image path's reward heads (MLP members over CLIP embeddings) are Ray Train workers too."""
     from braid_ray.distributed.reward import train_ensemble

@@ -120,3 +120,20 @@ def test_a_dry_run_checks_the_table_and_split_and_writes_nothing(finished: Path,
     with pytest.raises(ValueError, match="every D_off label is 0"):  # degenerate data fails the dry run too
         pipeline.check(tiny_config(f"run.dir={fresh}", "task.name=csv", f"task.path={binary}",
                                    "task.sequence_column=seq", "task.label_column=y", "oracle.kind=kmer_ridge"))
+
+
+def test_launch_finetune_check_prints_the_dry_run_and_writes_nothing(tmp_path: Path) -> None:
+    """`python launch/finetune.py --check ...`: the dry run from the command line, exit 0, no run directory."""
+    from tests.tiny import FAST
+
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "launch/finetune.py", "--check", *FAST, f"run.dir={run}"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "rows        D 1,024 | D_ora 0 | D_0 1,024 | D_off 512" in done.stdout
+    assert "to run: data, oracle, reward, pretrain, finetune/strl, finetune/braid_bonus, eval" in done.stdout
+    assert "dry run     nothing was trained or written" in done.stdout and not run.exists()
+    bad = subprocess.run([sys.executable, "launch/finetune.py", "--check", *FAST, f"run.dir={run}",
+                          "data.quantile=2"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "data.quantile" in bad.stderr and not run.exists()

@@ -21,12 +21,10 @@ from braid_ray.sweep import load_sweep, trial_config
 from braid_ray.sweep.results import (best_config_yaml, best_params, score_map, seed_markdown, seed_table,
                                      trials_frame)
 from tests.conftest import ROOT
+from tests.tiny import FAST
 
-# Tiny models on TFBind8; trials fine-tune in-trial (ray.num_workers=0).
-TINY = ["finetune.methods=[braid_bonus]", "ray.num_workers=0", "reward.members=2", "reward.epochs=1",
-        "reward.channels=8", "reward.hidden=16", "diffusion.epochs=1", "diffusion.steps=5", "diffusion.channels=8",
-        "diffusion.blocks=1", "diffusion.batch_size=1024", "finetune.k=2", "finetune.steps=4",
-        "finetune.batch_size=8", "finetune.checkpoint_every=2"]
+# The tiny task and models (tests/tiny.py); trials fine-tune in-trial (ray.num_workers=0).
+TINY = [*FAST, "finetune.methods=[braid_bonus]", "finetune.steps=4", "finetune.checkpoint_every=2"]
 
 
 def write_sweep(path: Path, run_dir: Path, search: dict, sweep: dict, overrides: tuple[str, ...] = ()) -> Path:
@@ -247,7 +245,7 @@ def test_grid_sweep_on_local_ray(tmp_path: Path, upstream: Path, ray_local) -> N
     for col in ("r_hat", "g_hat", "kl", "oracle_score", "objective"):
         assert np.isfinite(trials[col]).all(), col
     assert (trials["step"] == 4).all() and (trials["oracle_queries"] == budget).all()
-    assert ((trials["oracle_score"] >= 0) & (trials["oracle_score"] <= 1)).all()  # TFBind8's normalised E-score
+    assert ((trials["oracle_score"] >= 0) & (trials["oracle_score"] <= 1)).all()  # means of normalised E-scores
     # g_hat = strength * (the same bonus): it scales with the penalty strength.
     g = trials.groupby("finetune.strength")["g_hat"].mean()
     assert g[2.0] == pytest.approx(4 * g[0.5], rel=0.2)
@@ -274,6 +272,7 @@ def test_grid_sweep_on_local_ray(tmp_path: Path, upstream: Path, ray_local) -> N
     assert summary["oracle_budget_per_trial"] == budget and summary["pretrained_reference"]["oracle_queries"] == budget
 
 
+@pytest.mark.slow  # a Ray Train run inside each of two Tune trials
 def test_train_trials_report_every_step_so_asha_stops_them(tmp_path: Path, upstream: Path, ray_local) -> None:
     from braid_ray.distributed.tune import autoscaler_max_resources, run_sweep
 
@@ -324,6 +323,7 @@ def _finished(reports: list[dict]) -> bool:
     return any(r.get("oracle_queries", 0) > 0 for r in reports)
 
 
+@pytest.mark.slow  # a sweep driver in a subprocess, killed and started again
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path, upstream: Path, ray_local) -> None:
     steps = 60
     path = write_sweep(tmp_path / "resume.yaml", upstream,
@@ -333,7 +333,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path: Path, 
                        (f"finetune.steps={steps}", "finetune.checkpoint_every=10"))
     command = [sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", str(path)]
     # The driver joins the test's Ray, so killing it ends its trials but not the cluster.
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "BRAID_RAY_QUIET": "1"}
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     tune_dir = tmp_path / "sweeps" / "resume" / "tune"
 
     def interrupted(reports: dict[str, list[dict]]) -> bool:

@@ -25,7 +25,7 @@ from braid_ray.distributed import train, workers
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, read_checkpoint
 from tests import faults
 from tests.conftest import ROOT
-from tests.tiny import FAST
+from tests.tiny import FAST, LENGTH
 
 ray.cloudpickle.register_pickle_by_value(faults)  # the patched worker carries the fault code to Ray's workers
 
@@ -46,7 +46,7 @@ def _config(run: Path) -> Config:
 
 
 def _finetune(run: Path, storage: Path, name: str) -> tuple[dict, list[dict]]:
-    return train.finetune_on_ray(_config(run), FinetuneJob(str(run), "braid_bonus", 8), str(storage), name)
+    return train.finetune_on_ray(_config(run), FinetuneJob(str(run), "braid_bonus", LENGTH), str(storage), name)
 
 
 def _inject(monkeypatch, directory: Path, kind: str, step: int, rank: int) -> None:
@@ -97,7 +97,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(upstrea
     weights, history = read_checkpoint(kept)
     assert [h["step"] for h in history] == [1, 2]
     assert all(torch.isfinite(w).all() for w in weights.values())
-    tuner = build_finetuner(_config(upstream), FinetuneJob(str(upstream), "braid_bonus", 8), seed=0)
+    tuner = build_finetuner(_config(upstream), FinetuneJob(str(upstream), "braid_bonus", LENGTH), seed=0)
     load_trainer_state(tuner, kept)  # weights-only: safetensors + torch.load(weights_only=True)
     assert tuner.step == 2
 

@@ -18,14 +18,15 @@ from braid_ray.config import load_config
 from braid_ray.data.encoding import encode_strings
 from braid_ray.finetune.run import load_reward
 from braid_ray.finetune.trainer import FineTuner
-from tests.test_pipeline import FAST
+from tests.tiny import FAST
 
-TINY = (*FAST, "finetune.methods=[braid_bonus]", "finetune.steps=4", "finetune.checkpoint_every=2")
+# 5 reward epochs: after 1, the tiny ensemble is too flat for gradient ascent to move a design.
+TINY = (*FAST, "reward.epochs=5", "finetune.methods=[braid_bonus]", "finetune.steps=4", "finetune.checkpoint_every=2")
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory) -> Path:
-    """Data, reward and pretrained model of a tiny TFBind8 run, shared by the tests (copied per test)."""
+    """Data, reward and pretrained model of a tiny tfbind5 run, shared by the tests (copied per test)."""
     run = tmp_path_factory.mktemp("upstream") / "run"
     pipeline.run(load_config(None, [*TINY, f"run.dir={run}"]), stages=("data", "reward", "pretrain"))
     return run

@@ -45,6 +45,9 @@ def test_summary_reports_best_offline_design_and_its_percentile() -> None:
 
 
 def test_degenerate_quantile_is_a_clear_error() -> None:
-    d = Labelled(np.zeros((10, 4), np.int8), np.zeros(10), "flat.csv")
-    with pytest.raises(ValueError, match="flat.csv: no row of D_0 lies below the 0.5 quantile"):
-        offline_splits(d, 0.0, 0.5, 0)
+    flat = Labelled(np.zeros((10, 4), np.int8), np.zeros(10), "flat.csv")
+    with pytest.raises(ValueError, match="flat.csv: every label of D_0 is 0: there is nothing to rank"):
+        offline_splits(flat, 0.0, 0.5, 0)
+    ties = Labelled(np.zeros((10, 4), np.int8), np.r_[np.ones(9), 2.0], "ties.csv")  # the median is the lowest y
+    with pytest.raises(ValueError, match="ties.csv: no row of D_0 lies below the 0.5 quantile"):
+        offline_splits(ties, 0.0, 0.5, 0)

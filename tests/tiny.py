@@ -11,6 +11,7 @@ from __future__ import annotations
 from braid_ray.config import Config, load_config
 
 TASK = ("task.name=tfbind5",)
+LENGTH = 5  # its sequences' length
 # Dummy-sized models, a step or two of each; everything in this process unless a test sets ray.num_workers.
 MODELS = ("reward.members=2", "reward.epochs=1", "reward.channels=8", "reward.hidden=16", "ray.num_workers=0",
           "diffusion.epochs=1", "diffusion.steps=5", "diffusion.channels=8", "diffusion.blocks=1",

@@ -83,6 +83,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(upstream: Path, ray_loca
         torch.testing.assert_close(weights, reference[0][name], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow  # a Ray Train run of 2 workers, restarted
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(upstream: Path, ray_local, tmp_path: Path,
                                                                         monkeypatch) -> None:
     _inject(monkeypatch, tmp_path / "faults", "nan", step=3, rank=0)

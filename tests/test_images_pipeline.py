@@ -43,6 +43,7 @@ def test_image_pipeline_end_to_end_in_process(tmp_path: Path) -> None:
     assert again["eval"] == summary["eval"]
 
 
+@pytest.mark.slow  # a Ray Data actor pool
 def test_ray_data_actor_pool_embeds_like_the_in_process_path(tmp_path: Path, ray_local) -> None:
     """Into a URI (the actors write the Parquet files wherever they run, so it is a bucket on clusters), twice:
     a re-run replaces the files of the first instead of adding duplicate rows."""
@@ -98,6 +99,7 @@ def test_user_table_of_images_and_scores_becomes_d(tmp_path: Path) -> None:
         offline_stage(bad, RunDir(bad.run.dir))
 
 
+@pytest.mark.slow  # one Ray task per method
 def test_evaluation_as_ray_tasks_reads_run_dir_and_matches_in_process(tmp_path: Path, ray_local) -> None:
     """The GPU-cluster evaluation path (one Ray task per method), here on CPU shares: each task reads the reward
     and the method's weights from run.dir (a URI) and samples what the in-process evaluation samples."""

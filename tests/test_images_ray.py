@@ -130,8 +130,9 @@ def assert_devices(directory: Path, ranks: int, kind: str) -> None:
 
 # ZeRO-2 with the default checkpoints (LoRA weights only), on storage that is not a local path; ZeRO-3 also
 # writes the frozen UNet shards, so the test can check that they come back unchanged.
+@pytest.mark.slow  # Ray Train + DeepSpeed on 2 ranks, killed and resumed: ~1.5 min on 2 CPUs
 @pytest.mark.parametrize("stage, save_frozen, bucket", [(2, False, True),
-                                                        pytest.param(3, True, False, marks=pytest.mark.slow)])
+                                                        (3, True, False)])
 def test_zero_training_resumes_after_a_failure_and_exports_lora_for_diffusers(
         stage: int, save_frozen: bool, bucket: bool, tmp_path: Path, ray_local, monkeypatch) -> None:
     cfg = tiny_cfg(f"run.dir={tmp_path}", f"deepspeed.zero_stage={stage}", f"deepspeed.save_frozen={save_frozen}",
@@ -177,6 +178,7 @@ def test_zero_training_resumes_after_a_failure_and_exports_lora_for_diffusers(
     assert out.shape == (2, 16, 16, 3) and np.isfinite(out).all()
 
 
+@pytest.mark.slow  # Ray Train + DeepSpeed on 2 ranks
 def test_a_nonfinite_loss_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(
         tmp_path: Path, ray_local, monkeypatch) -> None:
     cfg = tiny_cfg(f"run.dir={tmp_path}", "deepspeed.zero_stage=1", "finetune.steps=4", "finetune.checkpoint_every=1",

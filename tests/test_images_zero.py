@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
 import ray.cloudpickle
 import torch
 from ray.train import RunConfig, ScalingConfig
@@ -62,6 +63,7 @@ def _gradients(config: dict) -> dict[str, dict[str, np.ndarray]]:
             "info": {"k": np.array(m.k), "stage": np.array(engine.zero_optimization_stage())}}
 
 
+@pytest.mark.slow  # DeepSpeed ZeRO-2 on 2 Ray Train ranks
 def test_zero2_gradients_equal_plain_torch_gradients(tmp_path, ray_local) -> None:
     cfg = tiny_cfg("image.lora_rank=0", "deepspeed.zero_stage=2", f"deepspeed.bucket_size={BUCKET}",
                    "finetune.k=3", "finetune.randomize_k=false", "diffusion.steps=4", "finetune.clip=0",

@@ -225,6 +225,7 @@ def test_a_trial_queries_the_oracle_exactly_its_budget_and_never_twice(upstream:
 # On a local Ray
 
 
+@pytest.mark.slow  # a Tune grid on the local Ray
 def test_grid_sweep_on_local_ray(tmp_path: Path, upstream: Path, ray_local) -> None:
     from braid_ray.distributed.tune import run_sweep
 

@@ -6,6 +6,7 @@ Every stage is reused when its config and inputs are unchanged, so a re-run resu
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from braid_ray.config import Config
 from braid_ray.reward.fit import calibration_markdown
@@ -14,7 +15,12 @@ from braid_ray.stages import (FinetuneRunner, MemberTrainer, PretrainRunner, dat
                               finetune_stage, oracle_stage, pretrain_in_process, pretrain_stage, reward_stage,
                               train_in_process)
 
+if TYPE_CHECKING:
+    from braid_ray.distributed.tune import SweepOutcome
+    from braid_ray.sweep.spec import Sweep
+
 ALL_STAGES = ("data", "oracle", "reward", "pretrain", "finetune", "eval")
+UPSTREAM = ("data", "oracle", "reward", "pretrain")  # what every fine-tuning run of a task reads
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,14 @@ def _run_sequences(cfg: Config, run_dir: RunDir, stages: tuple[str, ...]) -> dic
 
         summary["eval"] = to_markdown(evaluate_stage(cfg, run_dir, data, oracle, cfg.finetune.methods))
     return summary
+
+
+def sweep(spec: Sweep) -> SweepOutcome:
+    """A Ray Tune sweep (``launch/sweep.py``): the base config's upstream stages once (reused when unchanged),
+    then one fine-tuning trial per configuration."""
+    from braid_ray.distributed.tune import run_sweep
+
+    return run_sweep(spec, upstream=lambda: run(spec.base, stages=UPSTREAM))
 
 
 def check(cfg: Config) -> str:

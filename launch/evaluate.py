@@ -4,7 +4,9 @@
     python launch/evaluate.py --config configs/utr_mrl.yaml eval.n_samples=2000
 
 Runs (or reuses) every earlier stage, then writes eval/report.md, samples.parquet, metrics.json,
-designs.fasta and the plots. The oracle is used here only, never during training.
+designs.fasta and the plots. The oracle never enters a loss: it scores the designs here, and during training only
+watches when asked (`finetune.monitor_queries`, counted in each run's history; the image loop logs the
+aesthetic oracle's score of every step's training images, for the r_hat-against-oracle curve).
 """
 
 from __future__ import annotations

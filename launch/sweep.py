@@ -22,11 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from braid_ray import cli  # noqa: E402
+from braid_ray import cli, pipeline  # noqa: E402
 from braid_ray.config import ConfigError  # noqa: E402
 from braid_ray.sweep import load_sweep  # noqa: E402
 from braid_ray.sweep.results import seed_markdown  # noqa: E402
-from braid_ray.distributed.tune import run_sweep  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep = load_sweep(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         parser.exit(2, f"config error: {e}\n")
-    outcome = run_sweep(sweep)
+    outcome = pipeline.sweep(sweep)
     s = outcome.summary
     keys = list(sweep.search)
     print(f"sweep {sweep.name}: {s['trials']} ({sweep.method}); oracle queries: {s['oracle_budget_per_trial']} "

@@ -90,6 +90,8 @@ def test_fixed_length_and_dropping_invalid_letters(tmp_path: Path, caplog: pytes
         d = _load(p, "task.invalid_letters=drop")
     assert decode(d.codes) == ["ACGT", "GGGG"] and d.y.tolist() == [1.0, 3.0]
     assert "t.csv line 3: letter 'N'" in caplog.text and "dropping" in caplog.text
+    unlabelled = _csv(tmp_path, "seq,y\nACGT,1\nACNT,\nGGGG,3\n", "u.csv")  # a dropped row's label is never read
+    assert _load(unlabelled, "task.invalid_letters=drop").y.tolist() == [1.0, 3.0]
     with pytest.raises(ValueError, match="length 4, expected 5 \\(task.length\\)"):
         _load(p, "task.length=5", "task.invalid_letters=drop")
 

@@ -227,13 +227,11 @@ def test_a_trial_queries_the_oracle_exactly_its_budget_and_never_twice(upstream:
 
 @pytest.mark.slow  # a Tune grid on the local Ray
 def test_grid_sweep_on_local_ray(tmp_path: Path, upstream: Path, ray_local) -> None:
-    from braid_ray.distributed.tune import run_sweep
-
     budget = 16
     path = write_sweep(tmp_path / "grid.yaml", upstream,
                        {"finetune.alpha": {"grid": [1e-3, 0.1]}, "finetune.strength": {"grid": [0.5, 2.0]}},
                        {"name": "grid", "storage": str(tmp_path / "sweeps"), "oracle_budget": budget})
-    outcome = run_sweep(load_sweep(path))
+    outcome = pipeline.sweep(load_sweep(path))
 
     results = tmp_path / "sweeps" / "grid" / "results"
     trials = pd.read_parquet(results / "trials.parquet")
@@ -275,7 +273,7 @@ def test_grid_sweep_on_local_ray(tmp_path: Path, upstream: Path, ray_local) -> N
 
 @pytest.mark.slow  # a Ray Train run inside each of two Tune trials
 def test_train_trials_report_every_step_so_asha_stops_them(tmp_path: Path, upstream: Path, ray_local) -> None:
-    from braid_ray.distributed.tune import autoscaler_max_resources, run_sweep
+    from braid_ray.distributed.tune import autoscaler_max_resources
 
     assert autoscaler_max_resources() is None  # a local Ray publishes no autoscaler config
     budget, steps = 8, 3
@@ -285,7 +283,7 @@ def test_train_trials_report_every_step_so_asha_stops_them(tmp_path: Path, upstr
                        {"name": "train", "storage": str(tmp_path / "sweeps"), "oracle_budget": budget,
                         "max_concurrent_trials": 1, "asha": {"enabled": True, "grace_period": 1}},
                        ("ray.num_workers=1", "ray.cpus_per_worker=0.5", f"finetune.steps={steps}"))
-    outcome = run_sweep(load_sweep(path))
+    outcome = pipeline.sweep(load_sweep(path))
     first, second = outcome.trials.to_dict("records")
     assert outcome.summary["trials"] == {"finished": 1, "stopped": 1}
     assert first["status"] == "finished" and first["step"] == steps and first["oracle_queries"] == budget

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from braid_ray import pipeline
 from braid_ray.sweep import load_sweep
 from tests.test_sweep import upstream, write_sweep  # noqa: F401  (upstream: the module's fixture)
 
@@ -15,12 +16,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_trials_sharing_one_gpu_train_on_cuda(tmp_path: Path, upstream: Path, ray_local) -> None:  # noqa: F811
-    from braid_ray.distributed.tune import run_sweep
-
     path = write_sweep(tmp_path / "gpu.yaml", upstream, {"finetune.alpha": {"grid": [1e-3, 0.1]}},
                        {"name": "gpu", "storage": str(tmp_path / "sweeps"), "oracle_budget": 8,
                         "gpus_per_trial": 0.5, "cpus_per_trial": 0.5})
-    outcome = run_sweep(load_sweep(path))
+    outcome = pipeline.sweep(load_sweep(path))
     trials = outcome.trials
     assert (trials["status"] == "finished").all() and (trials["device"] == "cuda").all()
     assert (trials["oracle_queries"] == 8).all() and trials["oracle_score"].notna().all()

@@ -131,10 +131,11 @@ def check_text(values: pd.Series, locator: Locator, column: str) -> None:
                          "text sequences over A, C, G, T")
 
 
-def parse_labels(values: pd.Series, locator: Locator, column: str) -> np.ndarray:
-    """Strings or numbers -> float64 labels; NaN, inf, missing or non-numeric values raise naming the line."""
+def parse_labels(values: pd.Series, locator: Locator, column: str, keep: np.ndarray | None = None) -> np.ndarray:
+    """Strings or numbers -> float64 labels; NaN, inf, missing or non-numeric values raise naming the line.
+    ``keep``: a boolean mask of the rows that stay (the others, e.g. dropped sequences, are not checked)."""
     y = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(y))
+    bad = np.flatnonzero(~np.isfinite(y) & (True if keep is None else keep))
     if bad.size:
         i = int(bad[0])
         raw = values.iloc[i]
@@ -171,6 +172,6 @@ def labelled_from_frame(
     """Validate a frame of (sequence, label) strings into a Labelled set, duplicates merged."""
     check_text(frame[sequence_column], locator, sequence_column)
     codes, keep = encode(frame[sequence_column].tolist(), locator, length, invalid_letters)
-    y = parse_labels(frame[label_column], locator, label_column)
+    y = parse_labels(frame[label_column], locator, label_column, keep)
     codes, y = merge_duplicates(codes, y[keep], locator.source)
     return Labelled(codes, y, locator.source)

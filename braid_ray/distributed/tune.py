@@ -1,4 +1,5 @@
-"""The sweep on Ray Tune: upstream models once, one trial per configuration, results, resume.
+"""The sweep on Ray Tune: one trial per configuration, results, resume (``braid_ray.pipeline.sweep`` trains the
+upstream models once first).
 
 Layout under ``<sweep.storage>/<sweep.name>/``: ``tune/`` (Tune's experiment: trials, checkpoints, state),
 ``train/`` (Ray Train runs of trials with ``ray.num_workers > 0``) and ``results/`` (sweep.json,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,6 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-from braid_ray import pipeline
 from braid_ray.config import ConfigError, from_dict
 from braid_ray.distributed import cluster
 from braid_ray.rundir import RunDir, diff_keys, fingerprint
@@ -42,7 +43,6 @@ from braid_ray.sweep.trial import TRAIN_KEYS, pretrained_reference, run_trial, t
 
 log = logging.getLogger(__name__)
 
-UPSTREAM = ("data", "oracle", "reward", "pretrain")
 FINAL_KEYS = (*TRAIN_KEYS, METRIC, "oracle_std", "oracle_max", "oracle_queries", "sample_r_hat", "sample_g_hat",
               "distinct", "device", "finished_at")
 
@@ -240,8 +240,9 @@ def _rows(grid: Any) -> list[dict]:
     return rows
 
 
-def run_sweep(sweep: Sweep) -> SweepOutcome:
-    """Train the upstream models once, run (or resume) every trial on Ray Tune, write and return the results."""
+def run_sweep(sweep: Sweep, upstream: Callable[[], object]) -> SweepOutcome:
+    """Check the sweep's record and start Ray, call ``upstream`` (which trains or reuses the data, reward and
+    pretrained stages every trial reads), run (or resume) every trial on Ray Tune, write and return the results."""
     start = time.perf_counter()
     uri = sweep_uri(sweep)
     check_record(sweep, uri)
@@ -251,7 +252,7 @@ def run_sweep(sweep: Sweep) -> SweepOutcome:
     log.info("sweep %s: %s trials of %s, up to %d at once, %d oracle queries each; results in %s", sweep.name,
              size if size is not None else sweep.settings.num_samples, sweep.method, max_concurrent,
              sweep.settings.oracle_budget, uri)
-    pipeline.run(sweep.base, stages=UPSTREAM)  # reused when unchanged
+    upstream()
 
     grid = _tuner(sweep, uri, max_concurrent).fit()
     keys = list(sweep.search)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,9 +32,10 @@ from braid_ray.data.tables import Labelled
 from braid_ray.diffusion.likelihood import ELBO_T_SAMPLES, elbo, unsupported
 from braid_ray.diffusion.pretrain import build_backbone
 from braid_ray.diffusion.sampler import FineTunedPolicy, rollout
-from braid_ray.eval import (COLUMNS, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS, PER_DESIGN, ValidityRule, design_statistics, method_metrics, results_table, samples_frame,
-                            score_distributions, to_markdown, top_rows, training_curves, validity_metrics,
-                            validity_rule, write_fasta, write_report)
+from braid_ray.eval import (COLUMNS, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS, PER_DESIGN, ValidityRule,
+                            design_statistics, method_metrics, results_table, samples_frame, score_distributions,
+                            to_markdown, top_rows, training_curves, validity_metrics, validity_rule, write_fasta,
+                            write_report)
 from braid_ray.finetune.run import load_pretrained, load_reward
 from braid_ray.methods import METHODS, label
 from braid_ray.oracles import Oracle
@@ -211,8 +214,10 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
         "kmer_reference": {"rows": int(kmer_rows.size), "fraction": KMER_TOP_FRACTION, "k": 3},
         "methods": {m: metrics[m] for m in codes}, "references": {m: metrics[m] for m in references},
         "oracles": getattr(oracle, "summary", {}), "oracle_agreement": agreement})
-    out = stage.local_path() if run.is_local() else None
-    if out is not None:
+    # The report, FASTA and plots are drawn in a local folder: the stage's own, or for a bucket a temporary one
+    # whose files are then uploaded beside samples.parquet.
+    with tempfile.TemporaryDirectory() as scratch:
+        out = stage.local_path() if run.is_local() else Path(scratch)
         out.mkdir(parents=True, exist_ok=True)
         write_fasta(codes, {m: scores[m] for m in codes}, out / "designs.fasta")
         plots = {"Oracle scores per method": score_distributions(
@@ -233,6 +238,9 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
                    f"(its best offline design: {agreement['best_offline_secondary']:.4g}); a design beats the data "
                    "only when both oracles say so"] = table[[c for c in SECONDARY_COLUMNS if c in table.columns]]
         write_report(out, data.task.name, table[SCORE_COLUMNS], plots, notes, tables)
+        if not run.is_local():
+            for path in sorted(out.iterdir()):
+                stage.write_bytes(path.name, path.read_bytes())
     log.info("evaluation (%d designs per method, oracle %s):\n%s", n, oracle.info.get("kind"), to_markdown(table))
     return table
 

@@ -137,3 +137,32 @@ def test_launch_finetune_check_prints_the_dry_run_and_writes_nothing(tmp_path: P
                           "data.quantile=2"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "data.quantile" in bad.stderr and not run.exists()
+
+
+def test_a_bucket_run_dir_gets_the_report_fasta_and_plots_too(finished: Path, tmp_path: Path, monkeypatch) -> None:
+    """On a cluster run.dir is a bucket: the evaluation draws its report, FASTA and plots in a local folder and
+    uploads them. Here "bucket://run" is tmp_path/run through a filesystem that is not the local one."""
+    import types
+
+    import pyarrow.fs as pafs
+
+    from braid_ray import rundir
+
+    run = _copy(finished, tmp_path)
+    shutil.rmtree(run / "eval")
+    bucket = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+
+    class Bucket:
+        @staticmethod
+        def from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+            assert uri.startswith("bucket://")
+            return bucket, uri.removeprefix("bucket://")
+
+    fake = types.SimpleNamespace(**{k: getattr(pafs, k) for k in dir(pafs) if not k.startswith("_")})
+    fake.FileSystem = Bucket
+    monkeypatch.setattr(rundir, "pafs", fake)
+    assert not RunDir("bucket://run").is_local()
+    pipeline.run(tiny_config("run.dir=bucket://run"))
+    for name in ("report.md", "designs.fasta", "scores.png", "samples.parquet", "metrics.json", "stage.json"):
+        assert (run / "eval" / name).is_file(), name
+    assert "![" in (run / "eval" / "report.md").read_text() and not list((run / "eval").glob(".*.tmp"))

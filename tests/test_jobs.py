@@ -182,7 +182,10 @@ def test_resubmitted_job_resumes_after_its_driver_died(head: Head, first_run: tu
     _driver(run).send_signal(signal.SIGKILL)  # as a lost head process or an OOM kill would
     assert _wait(head, first) == JobStatus.FAILED
 
-    logs = _succeeded(head, _submit(head, run, "finetune.methods=[strl]", runtime_env=runtime_env))
+    # Its evaluation replaces the first job's (another method list: a conflict unless run.overwrite=true, which
+    # rebuilds only the stages whose record changed; the interrupted fine-tuning keeps its checkpoint).
+    logs = _succeeded(head, _submit(head, run, "finetune.methods=[strl]", "run.overwrite=true",
+                                    runtime_env=runtime_env))
     for stage in ("data", "reward", "pretrain"):
         assert f"{stage}: reusing" in logs
     # The re-submitted job picked the run up at the checkpoint of step 2: step 3 ran twice, steps 1-2 once.

@@ -25,7 +25,7 @@ from braid_ray.methods import METHODS
 # tests/test_registry_names.py holds each one to its registry's keys.
 TaskName = Literal["tfbind8", "tfbind5", "utr_mrl", "dhs", "csv"]  # braid_ray.data.tasks.TASKS
 OracleName = Literal["table", "optimus5p", "trained_cnn", "kmer_ridge"]  # braid_ray.oracles.ORACLES
-BackboneName = Literal["gaussian_onehot"]  # braid_ray.diffusion.pretrain.BACKBONES
+BackboneName = Literal["gaussian_onehot", "masked"]  # braid_ray.diffusion.pretrain.BACKBONES
 PromptSetName = Literal["simple_animals", "animal_photos", "tiny"]  # braid_ray.images.prompts.PROMPT_SETS
 LaionHeadName = Literal["laion_v2", "laion_v1"]  # braid_ray.images.aesthetic.LAION_HEADS
 ZeroStage = Literal[1, 2, 3]  # braid_ray.images.zero.ZERO_STAGES
@@ -113,8 +113,10 @@ class RewardConfig:
 
 @dataclass
 class DiffusionConfig:
-    backbone: str = "gaussian_onehot"  # diffusion backbone registry name (BackboneName)
-    steps: int = 50  # T, denoising steps of the sampler (and of DDPM training)
+    # Diffusion backbone registry name (BackboneName): gaussian_onehot (Gaussian diffusion over +-1 one-hot vectors)
+    # | masked (absorbing-state discrete diffusion, MDLM-style; eta, clip_x0 and data_noise are the Gaussian's only)
+    backbone: str = "gaussian_onehot"
+    steps: int = 50  # T, denoising steps of the sampler (and of DDPM training; the masked loss is continuous-time)
     eta: float = 1.0  # DDIM eta: 1 = ancestral (DDPM posterior), 0 = deterministic (no KL possible)
     # Clip the predicted x0 to [-1, 1] at every reverse step (the data are +-1 one-hot). It fixes the first step
     # (the cosine schedule's last beta, 0.999, amplifies its noise-prediction error ~30x) but its Jacobian is
@@ -138,7 +140,8 @@ class FinetuneConfig:
     strength: float = 1.0  # k: penalty strength of lcb / bonus, in units of std(r_hat) over D_off
     k: int = 20  # differentiable (last) sampler steps
     randomize_k: bool = False  # draw K uniformly from 1..k per batch (AlignProp)
-    parameterization: Literal["residual", "shift", "full"] = "shift"  # mu_pre + sigma^2 c | mu_pre + sigma c | a copy
+    # mu_pre + sigma^2 c | mu_pre + sigma c | a trainable copy; masked backbone: residual = shift = x0 logits + c
+    parameterization: Literal["residual", "shift", "full"] = "shift"
     # Steps before the last K: "kl" = the policy acts there too and pays its KL (eq. 6, the whole path's KL);
     # "pretrained" = the correction is off there (those steps are the pretrained policy's, KL exactly 0);
     # "auto" = kl for sequences, pretrained for images (where paying it takes two more UNet passes per step).
@@ -152,8 +155,10 @@ class FinetuneConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 2e-3  # Adam learning rate (cosine decay)
     clip: float = 1.0  # gradient-norm clipping (0 = off)
-    temperature: float = 0.5  # softmax temperature of the relaxed one-hot the reward sees
-    straight_through: bool = False  # hard one-hot forward, softmax gradient backward
+    # gaussian_onehot: softmax temperature of the relaxed one-hot the reward sees; masked: the Gumbel-softmax
+    # temperature of the samples' straight-through gradient (forward, samples are hard whatever it is)
+    temperature: float = 0.5
+    straight_through: bool = False  # gaussian_onehot: hard one-hot forward, softmax gradient backward (masked: always)
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     log_every: int = 10  # optimizer steps between progress lines
     monitor_queries: int = 0  # oracle queries per monitoring point (r over training; never in the loss); 0 = off
@@ -464,11 +469,17 @@ def validate(cfg: Config) -> None:
     _check(df.eta >= 0, "diffusion.eta", df.eta, "eta >= 0")
     _check(df.lr > 0, "diffusion.lr", df.lr, "a positive learning rate")
     _check(df.data_noise >= 0, "diffusion.data_noise", df.data_noise, "a non-negative std")
+    if df.backbone == "masked":  # settings of the Gaussian backbone that the masked one has no use for
+        _check(df.eta == 1.0, "diffusion.eta", df.eta, "1.0 with diffusion.backbone=masked (a Gaussian DDIM setting)")
+        _check(not df.clip_x0, "diffusion.clip_x0", df.clip_x0,
+               "false with diffusion.backbone=masked (a Gaussian sampler setting)")
+        _check(df.data_noise == 0, "diffusion.data_noise", df.data_noise,
+               "0 with diffusion.backbone=masked (its data are letters, which noise would not mask)")
     ft = cfg.finetune
     for m in ft.methods:
         _check(m in METHODS, "finetune.methods", m, f"names from {sorted(METHODS)}")
     _check(ft.alpha >= 0, "finetune.alpha", ft.alpha, "alpha >= 0")
-    _check(ft.alpha == 0 or df.eta > 0, "finetune.alpha", ft.alpha,
+    _check(ft.alpha == 0 or df.eta > 0 or df.backbone == "masked", "finetune.alpha", ft.alpha,
            "0 when diffusion.eta=0 (the KL of a deterministic sampler is undefined)")
     _check(ft.strength >= 0, "finetune.strength", ft.strength, "a non-negative penalty strength")
     _check(1 <= ft.k <= df.steps, "finetune.k", ft.k, f"an integer in [1, diffusion.steps={df.steps}]")

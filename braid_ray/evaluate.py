@@ -30,6 +30,7 @@ from braid_ray.baselines.grad import gradient_ascent
 from braid_ray.config import Config
 from braid_ray.data.tables import Labelled
 from braid_ray.diffusion.likelihood import ELBO_T_SAMPLES, elbo, unsupported
+from braid_ray.diffusion.likelihood import describe as describe_elbo  # noqa: I001
 from braid_ray.diffusion.pretrain import build_backbone
 from braid_ray.diffusion.sampler import FineTunedPolicy, rollout
 from braid_ray.eval import (COLUMNS, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS, PER_DESIGN, ValidityRule,
@@ -229,7 +230,8 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
                  f"Best offline design (D_off, scored by the oracle): {best_offline:.4g}; worst: {worst_offline:.4g}.",
                  "Offline rows are real measured designs; generated designs are scored by the oracle only.",
                  *validity_notes(rule, d.length, len(d), kmer_rows.size, {m: len(c) for m, c in references.items()},
-                                 worst_offline, int(elbo_sample.size), no_elbo, ev.hack_min_run)]
+                                 worst_offline, int(elbo_sample.size), no_elbo, ev.hack_min_run,
+                                 describe_elbo(backbone))]
         validity_table = table[[c for c in VALIDITY_COLUMNS if c in table.columns]]
         tables = {"Validity per design (medians; the rule is under Notes)": validity_table}
         if agreement:
@@ -246,12 +248,10 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
 
 
 def validity_notes(rule: ValidityRule, length: int, n_data: int, n_kmer: int, n_refs: dict[str, int],
-                   worst_offline: float, n_elbo: int, no_elbo: str | None, min_run: int) -> list[str]:
+                   worst_offline: float, n_elbo: int, no_elbo: str | None, min_run: int,
+                   elbo_what: str) -> list[str]:
     """The report's account of the validity rule, the 3-mer reference and the reference rows."""
-    elbo_note = (f"ELBO: DDPM's variational lower bound on log p(sequence) under the pretrained model, with a "
-                 f"categorical decoder (braid_ray/diffusion/likelihood.py; per sequence the steps t = 1 and T and "
-                 f"{ELBO_T_SAMPLES} sampled steps, the same draws for every sequence, so differences between "
-                 f"designs are sharper than the level); a model that draws every letter uniformly has "
+    elbo_note = (f"ELBO: {elbo_what}; a model that draws every letter uniformly has "
                  f"log p = -L ln 4 = {-length * math.log(4):.1f} nats." if not no_elbo else
                  f"No ELBO: {no_elbo}; the rule has no likelihood part.")
     tail = f"{100 * rule.quantile:g}"

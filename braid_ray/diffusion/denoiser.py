@@ -1,4 +1,5 @@
-"""A 1D convolutional noise predictor eps_theta(x_t, t) for sequences, with a sinusoidal time embedding."""
+"""A 1D convolutional denoiser for sequences, with a sinusoidal time embedding: the Gaussian backbone's noise
+predictor eps_theta(x_t, t), or (five input channels, the fifth the mask token) the masked backbone's x0 logits."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 
 def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
+    """Sinusoidal embedding of steps t (B,) (integer, or real for the masked backbone's time) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None, :]
@@ -32,16 +33,18 @@ class ResBlock(nn.Module):
 
 
 class ConvDenoiser(nn.Module):
-    """eps_theta: x_t (B, L, 4), t (B,) integer steps -> predicted noise (B, L, 4).
+    """x_t (B, L, in_channels), t (B,) steps -> (B, L, 4): predicted noise (Gaussian backbone, 4 input channels)
+    or x0 logits over the alphabet (masked backbone, 5 input channels: the letters and the mask token).
 
     Residual conv blocks over the sequence, each told the step through a learned projection of a
     sinusoidal embedding; a linear read-out per position over all positions mixes in global context.
     """
 
-    def __init__(self, length: int, channels: int = 64, blocks: int = 3, kernel_size: int = 5, emb_dim: int = 64):
+    def __init__(self, length: int, channels: int = 64, blocks: int = 3, kernel_size: int = 5, emb_dim: int = 64,
+                 in_channels: int = 4):
         super().__init__()
-        self.length = length
-        self.inp = nn.Conv1d(4, channels, kernel_size, padding="same")
+        self.length, self.in_channels = length, in_channels
+        self.inp = nn.Conv1d(in_channels, channels, kernel_size, padding="same")
         self.emb = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.blocks = nn.ModuleList([ResBlock(channels, kernel_size, emb_dim) for _ in range(blocks)])
         self.out = nn.Sequential(nn.GroupNorm(min(8, channels), channels), nn.SiLU(), nn.Conv1d(channels, 4, 1))

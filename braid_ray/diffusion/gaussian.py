@@ -1,10 +1,16 @@
 """Gaussian diffusion over one-hot sequences scaled to +-1: DDPM training, DDIM/ancestral policies.
 
-The backbone interface the fine-tuning loop needs (a simplex or masked discrete diffusion can provide the
-same methods):
-- ``prior(n)``: x_T;  ``steps``;  ``policy(model, x_t, t)`` -> (mean, sigma) of p_t(x_{t-1} | x_t);
-- ``loss(model, x0)``: the pretraining loss;  ``encode(codes)`` / ``decode(x0)``;
-- ``reward_input(x0)``: the relaxed one-hot the reward scores during fine-tuning.
+The backbone interface the fine-tuning loop needs (``masked.MaskedDiffusion`` provides the same methods):
+- ``prior(n)``: x_T;  ``steps``;  ``loss(model, x0)``: the pretraining loss;  ``sample(model, n)``;
+- ``encode(codes)`` / ``decode(x0)``;  ``reward_input(x0)``: what the reward scores during fine-tuning;
+- the per-step transition p_t(x_{t-1} | x_t), which the backbone owns, so that ``sampler.rollout`` and the KL
+  are the same code for every backbone:
+  ``policy(model, x_t, t)`` -> its parameters (here (mean, sigma));  ``net(model, x_t, t)`` -> the raw output of
+  a denoiser-shaped network (the fine-tuning correction);  ``correct(pre, c, t, parameterization)`` -> the
+  fine-tuned parameters from the pretrained ones and the correction;  ``noise(x_t, t, generator)`` -> the step's
+  randomness (drawn outside activation checkpointing);  ``step(params, x_t, t, noise)`` -> x_{t-1};
+  ``kl(params, pre, x_t, t)`` -> KL(p_t(.|x_t) || p_pre_t(.|x_t)) per sample;  ``stochastic``: whether the KL
+  is defined.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from braid_ray.config import DiffusionConfig
 
 from braid_ray.diffusion.schedule import Schedule
 
@@ -25,10 +33,18 @@ class GaussianOneHotDiffusion:
     gradient hardly reaches the policy through the sampler (TFBind8, alpha 0.01, 100 steps: whole-path KL
     0.02 nats, no reward gain): off by default, until a gradient-preserving fix is chosen."""
 
+    in_channels = 4  # the denoiser's input: x_t itself
+
     def __init__(self, length: int, steps: int = 50, eta: float = 1.0, temperature: float = 0.5,
                  straight_through: bool = False, clip_x0: bool = False):
         self.length, self.schedule = length, Schedule(steps, eta)
         self.temperature, self.straight_through, self.clip_x0 = temperature, straight_through, clip_x0
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig, length: int, temperature: float = 0.5,
+                    straight_through: bool = False) -> GaussianOneHotDiffusion:
+        """From a DiffusionConfig (``diffusion.steps``, ``eta``, ``clip_x0``) and the reward's relaxation."""
+        return cls(length, cfg.steps, cfg.eta, temperature, straight_through, cfg.clip_x0)
 
     @property
     def steps(self) -> int:
@@ -87,3 +103,49 @@ class GaussianOneHotDiffusion:
             mean, sigma = self.policy(model, x, t)
             x = mean + sigma * torch.randn(x.shape, generator=generator, device=x.device) if sigma > 0 else mean
         return x
+
+    # ---- the per-step transition, as the fine-tuning rollout uses it (params = (mean, sigma))
+    @property
+    def stochastic(self) -> bool:
+        """Whether the steps are random (eta > 0), so that their KL is defined."""
+        return self.schedule.eta > 0
+
+    @staticmethod
+    def net(model: nn.Module, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The raw output (B, L, 4) of a denoiser-shaped network at step t (an int, or one per row (B,))."""
+        steps = t if torch.is_tensor(t) else torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        return model(x_t, steps)
+
+    @staticmethod
+    def correct(pre: tuple[torch.Tensor, float], c: torch.Tensor, t: int,
+                parameterization: str) -> tuple[torch.Tensor, float]:
+        """(mu_theta, sigma_t): ``shift`` mu_pre + sigma_t c, ``residual`` mu_pre + sigma_t^2 c."""
+        mean_pre, sigma = pre
+        return mean_pre + (sigma**2 if parameterization == "residual" else sigma) * c, sigma
+
+    def correction_kl(self, c: torch.Tensor, t: torch.Tensor, parameterization: str) -> torch.Tensor:
+        """KL per row (B,) of the corrected policy from the correction c (B, L, 4) alone, at steps t (B,):
+        mu_theta - mu_pre = scale * c, so the pretrained model need not run (``shift`` / ``residual``)."""
+        c2 = c.pow(2).sum(dim=(1, 2))  # ||c(x_t, t)||^2
+        if parameterization == "shift":  # ||sigma c||^2 / (2 sigma^2)
+            return c2 / 2
+        sigma2 = self.schedule.sigma2.to(c.device, c.dtype)[t.long()]
+        return sigma2 * c2 / 2  # residual: ||sigma^2 c||^2 / (2 sigma^2)
+
+    @staticmethod
+    def noise(x_t: torch.Tensor, t: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(x_t.shape, generator=generator, device=x_t.device)
+
+    @staticmethod
+    def step(params: tuple[torch.Tensor, float], x_t: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        """x_{t-1} = mean + sigma_t z."""
+        mean, sigma = params
+        return mean + sigma * noise
+
+    @staticmethod
+    def kl(params: tuple[torch.Tensor, float], pre: tuple[torch.Tensor, float], x_t: torch.Tensor,
+           t: int) -> torch.Tensor:
+        """KL(N(mu_theta, sigma_t^2) || N(mu_pre, sigma_t^2)) per sample (B,):
+        ||mu_theta - mu_pre||^2 / (2 sigma_t^2)."""
+        (mean, sigma), (mean_pre, _) = params, pre
+        return ((mean - mean_pre) ** 2).sum(dim=(1, 2)) / (2 * sigma**2)

@@ -1,6 +1,8 @@
-"""Log-likelihood of sequences under the Gaussian one-hot diffusion model: a variational lower bound, in nats.
+"""Log-likelihood of sequences under the pretrained diffusion model: a variational lower bound, in nats.
+``elbo`` / ``elbo_terms`` dispatch on the backbone: the Gaussian one-hot diffusion (below) or the masked one
+(``masked_elbo_terms``, the last section of this docstring).
 
-The bound (DDPM's, Ho et al. 2020 eq. 5, written with DDIM's posteriors, Song et al. 2021 eq. 7), for
+The Gaussian bound (DDPM's, Ho et al. 2020 eq. 5, written with DDIM's posteriors, Song et al. 2021 eq. 7), for
 x_0 = encode(codes) in {-1, +1}^(L x 4):
 
     log p_theta(codes) >= ELBO = E_q[ log p_theta(codes | x_1) ]                                   reconstruction
@@ -52,6 +54,18 @@ against the data's percentile, one method against another) carry no independent 
 estimates depend only on (codes, seed), not on the batch size or on the other rows. ``common_noise=False``
 draws the steps and the noise of t = 1..T-1 independently for each sequence instead. The noise is drawn on
 the CPU, so the values are the same on any device.
+
+The masked backbone (``masked.MaskedDiffusion``, alpha_t = 1 - t/T). Its T-step sampler's bound (MDLM eq. 8 with
+the SUBS parameterisation) is
+
+    log p_theta(codes) >= ELBO = - sum_{t=1..T} E_{q(z_t | x_0)}[ (1/t) sum_{l masked} -log p_theta(x_0^l | z_t) ]
+
+(KL_t = (alpha_{t-1} - alpha_t) / (1 - alpha_t) = 1 / t times the masked letters' cross-entropy). The prior term is
+0 (z_T is all masked under q and p) and so is the reconstruction (alpha_0 = 1: z_0 = x_0), so the ELBO is <= 0,
+and a model that knows nothing (every letter uniform) has exactly -L ln 4. Estimator: {1, ..., T} is cut into
+``t_samples`` contiguous strata, one t drawn uniformly in each with one draw of the mask (each position masked
+with probability t / T), weighted by the stratum's size (unbiased; the exact sum over t when t_samples >= T);
+the same common random numbers as above by default.
 """
 
 from __future__ import annotations
@@ -63,6 +77,7 @@ import torch
 from torch import nn
 
 from braid_ray.diffusion.gaussian import GaussianOneHotDiffusion
+from braid_ray.diffusion.masked import MaskedDiffusion
 from braid_ray.diffusion.schedule import Schedule
 
 ELBO_T_SAMPLES = 8  # sampled steps t in 2..T-1 per sequence (plus t = 1 per sequence); the eval default
@@ -72,8 +87,11 @@ FORWARD_POSITIONS = 2**17  # denoiser evaluations per batch x sequence length (m
 
 def unsupported(backbone: object) -> str | None:
     """Why the ELBO cannot be computed for ``backbone`` (a sentence), or None when it can."""
+    if isinstance(backbone, MaskedDiffusion):
+        return None
     if not isinstance(backbone, GaussianOneHotDiffusion):
-        return f"the ELBO is implemented for GaussianOneHotDiffusion only, not {type(backbone).__name__}"
+        return (f"the ELBO is implemented for GaussianOneHotDiffusion and MaskedDiffusion only, not "
+                f"{type(backbone).__name__}")
     eta = backbone.schedule.eta
     if not 0 < eta <= 1:
         return (f"the ELBO needs a stochastic sampler with DDIM eta in (0, 1] (every sigma_t > 0 and the "
@@ -129,7 +147,7 @@ def strata(steps: int, t_samples: int) -> list[np.ndarray]:
     return list(np.array_split(np.arange(2, steps), min(t_samples, steps - 2)))
 
 
-def _check(backbone: GaussianOneHotDiffusion, codes: np.ndarray) -> np.ndarray:
+def _check(backbone: GaussianOneHotDiffusion | MaskedDiffusion, codes: np.ndarray) -> np.ndarray:
     reason = unsupported(backbone)
     if reason:
         raise ValueError(reason)
@@ -165,14 +183,31 @@ def final_step_kl(backbone: GaussianOneHotDiffusion, model: nn.Module, codes: to
     return torch.cat(out).numpy()
 
 
-@torch.no_grad()
-def elbo_terms(backbone: GaussianOneHotDiffusion, model: nn.Module, codes: np.ndarray, *,
+def elbo_terms(backbone: GaussianOneHotDiffusion | MaskedDiffusion, model: nn.Module, codes: np.ndarray, *,
                t_samples: int = ELBO_T_SAMPLES, final_draws: int = ELBO_FINAL_DRAWS, seed: int = 0,
                common_noise: bool = True, batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """The ELBO of int codes (N, L) under ``model`` (an eps predictor) and its three terms, each (N,) float64 nats:
-    ``reconstruction`` (<= 0), ``diffusion`` (the summed KLs, >= 0), ``prior`` (>= 0) and
+    """The ELBO of int codes (N, L) under ``model`` (the backbone's denoiser) and its three terms, each (N,) float64
+    nats: ``reconstruction`` (<= 0), ``diffusion`` (the summed KLs, >= 0), ``prior`` (>= 0) and
     ``elbo`` = reconstruction - diffusion - prior. ``batch_size``: denoiser evaluations per forward pass
-    (default: FORWARD_POSITIONS // L). The model runs on its own device, in eval mode."""
+    (default: FORWARD_POSITIONS // L). The model runs on its own device, in eval mode. ``final_draws`` is the
+    Gaussian backbone's (its t = T estimator)."""
+    if isinstance(backbone, MaskedDiffusion):
+        return masked_elbo_terms(backbone, model, codes, t_samples=t_samples, seed=seed, common_noise=common_noise,
+                                 batch_size=batch_size)
+    return gaussian_elbo_terms(backbone, model, codes, t_samples=t_samples, final_draws=final_draws, seed=seed,
+                               common_noise=common_noise, batch_size=batch_size)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    weight_param = next(model.parameters(), None)
+    return weight_param.device if weight_param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def gaussian_elbo_terms(backbone: GaussianOneHotDiffusion, model: nn.Module, codes: np.ndarray, *,
+                        t_samples: int = ELBO_T_SAMPLES, final_draws: int = ELBO_FINAL_DRAWS, seed: int = 0,
+                        common_noise: bool = True, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """``elbo_terms`` of the Gaussian backbone (``model`` an eps predictor)."""
     codes = _check(backbone, codes)
     if final_draws < 1:
         raise ValueError(f"final_draws: expected at least one draw of x_T, got {final_draws}")
@@ -191,8 +226,7 @@ def elbo_terms(backbone: GaussianOneHotDiffusion, model: nn.Module, codes: np.nd
     w = kl_weights(schedule)
     sqrt_ab, sqrt_1mab = schedule.alpha_bar.sqrt().float(), (1 - schedule.alpha_bar).sqrt().float()
     sigma2_1 = float(schedule.sigma2[1])
-    weight_param = next(model.parameters(), None)
-    device = weight_param.device if weight_param is not None else torch.device("cpu")
+    device = _model_device(model)
     was_training = model.training
     model.eval()
     forward_rows = batch_size or max(1, FORWARD_POSITIONS // length)
@@ -227,8 +261,63 @@ def elbo_terms(backbone: GaussianOneHotDiffusion, model: nn.Module, codes: np.nd
     return {"reconstruction": recon, "diffusion": diffusion, "prior": prior, "elbo": recon - diffusion - prior}
 
 
-def elbo(backbone: GaussianOneHotDiffusion, model: nn.Module, codes: np.ndarray, *, t_samples: int = ELBO_T_SAMPLES,
-         final_draws: int = ELBO_FINAL_DRAWS, seed: int = 0, common_noise: bool = True,
+@torch.no_grad()
+def masked_elbo_terms(backbone: MaskedDiffusion, model: nn.Module, codes: np.ndarray, *,
+                      t_samples: int = ELBO_T_SAMPLES, seed: int = 0, common_noise: bool = True,
+                      batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """``elbo_terms`` of the masked backbone (``model`` its x0-logit denoiser); see the module docstring."""
+    codes = _check(backbone, codes)
+    if t_samples < 1:
+        raise ValueError(f"t_samples: expected at least one sampled step per sequence, got {t_samples}")
+    steps, (n, length) = backbone.steps, codes.shape
+    parts = np.array_split(np.arange(1, steps + 1), min(t_samples, steps))  # strata of {1, ..., T}
+    k = len(parts)
+    weight = torch.tensor([float(len(p)) for p in parts], dtype=torch.float64)
+    lo = torch.tensor([int(p[0]) for p in parts], dtype=torch.long)
+    size = torch.tensor([len(p) for p in parts], dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    draws = 1 if common_noise else n
+    t_all = lo + torch.minimum((torch.rand(draws, k, generator=g, dtype=torch.float64) * size).long(), size - 1)
+    u_all = torch.rand(1, k, length, generator=g) if common_noise else None
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    rows = max(1, (batch_size or max(1, FORWARD_POSITIONS // length)) // k)
+    all_codes = torch.from_numpy(codes.astype(np.int64))
+    diffusion = np.zeros(n)
+    for start in range(0, n, rows):
+        c = all_codes[start:start + rows]
+        b = len(c)
+        if common_noise:
+            t, u = t_all.expand(b, -1), u_all.expand(b, -1, -1)
+        else:
+            t, u = t_all[start:start + b], torch.rand(b, k, length, generator=g)
+        t, u = t.reshape(-1), u.reshape(b * k, length)
+        x0 = backbone.encode(c).repeat_interleave(k, 0)
+        mask = u < (t.float() / steps)[:, None]  # q(z_t | x_0): each letter masked with probability 1 - alpha_t = t/T
+        z = torch.where(mask[..., None], torch.full_like(x0, -1.0), x0)
+        logits = backbone.logits(model, z.to(device), (t.float() / steps).to(device)).float().cpu()
+        nll = -torch.log_softmax(logits, -1).gather(-1, c.repeat_interleave(k, 0)[..., None]).squeeze(-1)
+        kl = (nll * mask).sum(1).double() / t.double()  # KL_t = (1 / t) sum_{l masked} -log p_theta(x_0^l | z_t)
+        diffusion[start:start + b] = (kl.reshape(b, k) * weight).sum(1).numpy()
+    model.train(was_training)
+    zero = np.zeros(n)
+    return {"reconstruction": zero, "diffusion": diffusion, "prior": zero.copy(), "elbo": -diffusion}
+
+
+def describe(backbone: GaussianOneHotDiffusion | MaskedDiffusion) -> str:
+    """What the ELBO of ``backbone`` is, in one sentence for a report."""
+    if isinstance(backbone, MaskedDiffusion):
+        return ("the variational lower bound of the masked T-step sampler on log p(sequence) under the pretrained "
+                f"model (braid_ray/diffusion/likelihood.py; per sequence {ELBO_T_SAMPLES} stratified steps)")
+    return ("DDPM's variational lower bound on log p(sequence) under the pretrained model, with a categorical "
+            f"decoder (braid_ray/diffusion/likelihood.py; per sequence the steps t = 1 and T and {ELBO_T_SAMPLES} "
+            "sampled steps, the same draws for every sequence, so differences between designs are sharper than "
+            "the level)")
+
+
+def elbo(backbone: GaussianOneHotDiffusion | MaskedDiffusion, model: nn.Module, codes: np.ndarray, *,
+         t_samples: int = ELBO_T_SAMPLES, final_draws: int = ELBO_FINAL_DRAWS, seed: int = 0, common_noise: bool = True,
          batch_size: int | None = None) -> np.ndarray:
     """The ELBO (N,) in nats of int codes (N, L): a lower bound on log p_theta(codes); see the module docstring."""
     return elbo_terms(backbone, model, codes, t_samples=t_samples, final_draws=final_draws, seed=seed,

@@ -1,4 +1,5 @@
-"""Pretraining the diffusion model on the task's sequences (no labels): DDPM's loss, Adam, cosine decay.
+"""Pretraining the diffusion model on the task's sequences (no labels): the backbone's loss (DDPM's, or the masked
+NELBO), Adam, cosine decay.
 
 Runs in one process or as one rank of a data-parallel group (the caller wraps ``model`` in DDP and gives
 each rank its own shard of rows); the loop is the same.
@@ -16,31 +17,40 @@ from torch import nn
 from braid_ray.config import DiffusionConfig
 from braid_ray.diffusion.denoiser import ConvDenoiser
 from braid_ray.diffusion.gaussian import GaussianOneHotDiffusion
+from braid_ray.diffusion.masked import MaskedDiffusion
 
-BACKBONES = {"gaussian_onehot": GaussianOneHotDiffusion}
+Backbone = GaussianOneHotDiffusion | MaskedDiffusion
+# name -> backbone class (``from_config`` builds it; ``in_channels`` sizes its denoiser's input)
+BACKBONES: dict[str, type[GaussianOneHotDiffusion] | type[MaskedDiffusion]] = {
+    "gaussian_onehot": GaussianOneHotDiffusion, "masked": MaskedDiffusion}
 
 
 def build_backbone(cfg: DiffusionConfig, length: int, temperature: float = 0.5,
-                   straight_through: bool = False) -> GaussianOneHotDiffusion:
+                   straight_through: bool = False) -> Backbone:
+    return _backbone_class(cfg).from_config(cfg, length, temperature, straight_through)
+
+
+def _backbone_class(cfg: DiffusionConfig) -> type[GaussianOneHotDiffusion] | type[MaskedDiffusion]:
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown diffusion backbone {cfg.backbone!r}; valid: {sorted(BACKBONES)}")
-    return BACKBONES[cfg.backbone](length, cfg.steps, cfg.eta, temperature, straight_through, cfg.clip_x0)
+    return BACKBONES[cfg.backbone]
 
 
 def build_denoiser(cfg: DiffusionConfig, length: int, seed: int | None = None) -> ConvDenoiser:
-    """The denoiser on the CPU; with ``seed``, its initial weights depend on the seed alone (the same on every
-    rank), drawn without touching the global RNG's state."""
+    """The denoiser on the CPU, with the input channels its backbone needs; with ``seed``, its initial weights
+    depend on the seed alone (the same on every rank), drawn without touching the global RNG's state."""
+    in_channels = _backbone_class(cfg).in_channels
     if seed is None:
-        return ConvDenoiser(length, cfg.channels, cfg.blocks, cfg.kernel_size, cfg.emb_dim)
+        return ConvDenoiser(length, cfg.channels, cfg.blocks, cfg.kernel_size, cfg.emb_dim, in_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ConvDenoiser(length, cfg.channels, cfg.blocks, cfg.kernel_size, cfg.emb_dim)
+        return ConvDenoiser(length, cfg.channels, cfg.blocks, cfg.kernel_size, cfg.emb_dim, in_channels)
 
 
-def pretrain(model: nn.Module, backbone: GaussianOneHotDiffusion, codes: np.ndarray, cfg: DiffusionConfig,
+def pretrain(model: nn.Module, backbone: Backbone, codes: np.ndarray, cfg: DiffusionConfig,
              seed: int, batch_size: int | None = None, device: torch.device | None = None,
              on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``model`` (eps prediction, already on ``device``) on one-hot ``codes`` (N, L) for cfg.epochs; returns
+    """Train ``model`` (the backbone's denoiser, already on ``device``) on one-hot ``codes`` (N, L) for cfg.epochs; returns
     the mean loss per epoch. The rows, the noise and its generator live on ``device`` (default: the CPU).
 
     ``batch_size`` is this rank's share of cfg.batch_size (default: all of it).

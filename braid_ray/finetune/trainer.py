@@ -32,8 +32,16 @@ class StepMetrics:
     grad_norm: float  # before clipping
     k: int  # differentiable steps this batch
     onehot_distance: float  # mean |x0| - 1 per coordinate: how far samples sit from the one-hot vertices
+    # (always 0 for the masked backbone, whose samples are hard)
     oracle: float = math.nan  # mean oracle score of fresh samples, on monitored steps only (NaN otherwise)
     oracle_queries: int = 0  # oracle queries spent at this step
+
+
+def _stochastic(backbone: object) -> bool:
+    """Whether the backbone's steps are random (their KL defined): its ``stochastic``, else its schedule's eta > 0
+    (the image sampler's)."""
+    stochastic = getattr(backbone, "stochastic", None)
+    return bool(stochastic) if stochastic is not None else backbone.schedule.eta > 0
 
 
 class FineTuner:
@@ -57,7 +65,7 @@ class FineTuner:
                  monitor_every: int = 0, monitor_queries: int = 0):
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if alpha > 0 and policy.backbone.schedule.eta == 0:
+        if alpha > 0 and not _stochastic(policy.backbone):
             raise ValueError("alpha > 0 needs a stochastic sampler (eta > 0): the KL of deterministic steps is undefined")
         self.policy, self.reward_fn = policy, reward_fn
         self.alpha, self.k, self.batch_size, self.clip = alpha, k, batch_size, clip

@@ -38,7 +38,8 @@ from braid_ray.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality_v2"
-PRESETS = {"tfbind8": ROOT / "configs" / "tfbind8.yaml", "utr_mrl": ROOT / "configs" / "utr_mrl.yaml"}
+PRESETS = {name: ROOT / "configs" / f"{name}.yaml"
+           for name in ("tfbind8", "utr_mrl", "tfbind8_masked", "utr_mrl_masked")}
 UPSTREAM = ("data", "oracle", "reward", "pretrain")
 LABELS = {name: m.label for name, m in METHODS.items()}
 
@@ -61,20 +62,25 @@ def _scalars(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _alpha_dir(seed_dir: Path, upstream: Path, alpha: float) -> Path:
+def _alpha_dir(seed_dir: Path, upstream: Path, alpha: float, variant: str) -> Path:
     """A run directory for one alpha, starting from a copy of the seed's upstream stages (reused, not retrained)."""
-    run = seed_dir / f"alpha{alpha:g}"
+    run = seed_dir / (f"alpha{alpha:g}-{variant}" if variant else f"alpha{alpha:g}")
     for stage in UPSTREAM:
         if not (run / stage).exists():
             shutil.copytree(upstream / stage, run / stage, ignore=shutil.ignore_patterns("ray"))
     return run
 
 
-def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], overrides: list[str]) -> None:
+def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], overrides: list[str],
+             variant: str = "") -> None:
+    """One seed's upstream stages, then each alpha's fine-tuning and evaluation. A ``variant`` (e.g. "K50" with
+    --set finetune.k=50) writes its rows to <task>-<variant>.jsonl under the task name <task>-<variant>, beside the
+    preset's own rows, and reuses the seed's upstream stages."""
     seed_dir = ROOT / "runs" / "bench2" / task / f"seed{seed}"
     base = load_config(PRESETS[task], [f"run.dir={seed_dir / 'upstream'}", f"run.seed={seed}", "ray.num_workers=0",
                                        "tracking.progress=lines", *overrides])
-    out = RESULTS / f"{task}.jsonl"
+    name = f"{task}-{variant}" if variant else task
+    out = RESULTS / f"{name}.jsonl"
     done = _done(out)
     pipeline.run(base, stages=UPSTREAM)
     up = RunDir(base.run.dir)
@@ -83,13 +89,13 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
         todo = [m for m in methods if (seed, alpha, LABELS[m]) not in done]
         if not todo:
             continue
-        run = _alpha_dir(seed_dir, seed_dir / "upstream", alpha)
+        run = _alpha_dir(seed_dir, seed_dir / "upstream", alpha, variant)
         cfg = dataclasses.replace(base, run=dataclasses.replace(base.run, dir=str(run)),
                                   finetune=dataclasses.replace(base.finetune, alpha=alpha, methods=methods))
         start = time.perf_counter()
         pipeline.run(cfg)
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
-        common = {"task": task, "seed": seed, "fingerprints": fingerprints, "best_offline": metrics["best_offline"],
+        common = {"task": name, "seed": seed, "fingerprints": fingerprints, "best_offline": metrics["best_offline"],
                   "config": {k: v for k, v in cfg.section("finetune")["finetune"].items() if k != "methods"}}
         if (seed, None, "Pretrained") not in done:  # the design sets that do not depend on alpha
             fixed = {n: m for n, m in metrics["methods"].items() if n not in LABELS.values()}
@@ -249,6 +255,7 @@ def main() -> None:
     r.add_argument("--methods", nargs="+", default=["strl", "braid_boot"])
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--set", nargs="*", default=[], dest="overrides", help="config key=value overrides for every run")
+    r.add_argument("--variant", default="", help="a name for these overrides: rows go to <task>-<variant>.jsonl")
     sub.add_parser("report")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -256,7 +263,7 @@ def main() -> None:
     if args.cmd == "run":
         torch.set_num_threads(args.threads)
         for seed in args.seeds:
-            run_seed(args.task, seed, args.alphas, args.methods, args.overrides)
+            run_seed(args.task, seed, args.alphas, args.methods, args.overrides, args.variant)
         return
     rows = [json.loads(line) for p in sorted(RESULTS.glob("*.jsonl")) for line in p.read_text().splitlines()]
     if not rows:

@@ -9,20 +9,27 @@ import logging
 from typing import TYPE_CHECKING
 
 from braid_ray.config import Config
+from braid_ray.methods import BASELINES
 from braid_ray.reward.fit import calibration_markdown
 from braid_ray.rundir import RunDir, Stage
-from braid_ray.stages import (FinetuneRunner, MemberTrainer, PretrainRunner, data_stage, finetune_in_process,
-                              finetune_stage, oracle_stage, pretrain_in_process, pretrain_stage, reward_stage,
-                              train_in_process)
+from braid_ray.stages import (FinetuneRunner, MemberTrainer, PretrainRunner, conditional_stage, data_stage,
+                              finetune_in_process, finetune_stage, oracle_stage, pretrain_in_process, pretrain_stage,
+                              reward_stage, train_in_process)
 
 if TYPE_CHECKING:
     from braid_ray.distributed.tune import SweepOutcome
+    from braid_ray.images.stages import ImageRunners
     from braid_ray.sweep.spec import Sweep
 
 ALL_STAGES = ("data", "oracle", "reward", "pretrain", "finetune", "eval")
 UPSTREAM = ("data", "oracle", "reward", "pretrain")  # what every fine-tuning run of a task reads
 
 log = logging.getLogger(__name__)
+
+
+def conditional_baselines(cfg: Config) -> list[str]:
+    """The baselines of ``baselines.methods`` that train a conditional model of their own (stage baselines/<name>)."""
+    return [m for m in cfg.baselines.methods if BASELINES[m].kind == "conditional"]
 
 
 def member_trainer(cfg: Config, run_dir: RunDir) -> MemberTrainer:
@@ -58,6 +65,20 @@ def finetune_runner(cfg: Config, run_dir: RunDir) -> FinetuneRunner:
     return on_ray
 
 
+def image_runners(cfg: Config) -> ImageRunners:
+    """The image stages' Ray adapters, unless ``ray.num_workers=0`` (then everything runs in this process); the
+    evaluation runs as one Ray task per method on GPU clusters only."""
+    from braid_ray.images.stages import IN_PROCESS, ImageRunners, evaluate_method
+
+    if cfg.ray.num_workers == 0:
+        return IN_PROCESS
+    from braid_ray.distributed.image_data import embed_table, evaluate_on_ray, sample_and_embed
+    from braid_ray.distributed.images import finetune_images_on_ray
+
+    evaluate = (lambda c, methods: evaluate_on_ray(c, methods, evaluate_method)) if cfg.ray.use_gpu else None
+    return ImageRunners(sample_and_embed, embed_table, finetune_images_on_ray, evaluate)
+
+
 def run(cfg: Config, stages: tuple[str, ...] = ALL_STAGES) -> dict:
     """Run ``stages`` for ``cfg`` (earlier ones reused when unchanged); returns what the launch script prints."""
     run_dir = RunDir(cfg.run.dir)
@@ -65,7 +86,7 @@ def run(cfg: Config, stages: tuple[str, ...] = ALL_STAGES) -> dict:
         if cfg.domain == "image":  # Stable Diffusion: its own stages (braid_ray/images/stages.py)
             from braid_ray.images.stages import STAGES, run_images
 
-            return run_images(cfg, tuple(s for s in stages if s in STAGES))
+            return run_images(cfg, tuple(s for s in stages if s in STAGES), image_runners(cfg))
         summary = _run_sequences(cfg, run_dir, stages)
         run_dir.stage("").write_yaml("config.yaml", cfg.to_dict())  # only once every stage has accepted it
         return summary
@@ -89,6 +110,9 @@ def _run_sequences(cfg: Config, run_dir: RunDir, stages: tuple[str, ...]) -> dic
     if "eval" in stages:
         from braid_ray.evaluate import evaluate_stage
         from braid_ray.eval import to_markdown
+
+        for name in conditional_baselines(cfg):
+            conditional_stage(cfg, run_dir, data, name)
 
         summary["eval"] = to_markdown(evaluate_stage(cfg, run_dir, data, oracle, cfg.finetune.methods))
     return summary
@@ -135,6 +159,14 @@ def check(cfg: Config) -> str:
                   "            fine-tune: {} method(s) x at most {} steps of {} samples (K = {} of T = {})".format(
                       len(ft.methods), ft.steps, ft.batch_size, ft.k, df.steps),
                   "            eval: {} designs per method and the pretrained model".format(cfg.eval.n_samples)]
+        if cfg.baselines.methods:
+            from braid_ray.evaluate import baseline_queries
+
+            trained = conditional_baselines(cfg)
+            lines.append("            baselines: {} ({}); {:,} oracle queries choose their settings".format(
+                ", ".join(BASELINES[m].label for m in cfg.baselines.methods),
+                f"{len(trained)} conditional model(s) x {cfg.baselines.epochs or df.epochs} epochs" if trained
+                else "no training", baseline_queries(cfg)))
     r = cfg.ray
     where = ("in this process (ray.num_workers=0) on " + cfg.run.device if r.num_workers == 0 else
              f"{r.num_workers} Ray Train workers x {r.cpus_per_worker:g} CPU" + (" + 1 GPU" if r.use_gpu else "")
@@ -142,6 +174,7 @@ def check(cfg: Config) -> str:
     lines.append(f"resources   {where}")
     names = [f"finetune/{m}" if name == "finetune" else name for name in ALL_STAGES
              for m in (cfg.finetune.methods if name == "finetune" else [None])]
+    names[-1:-1] = [f"baselines/{m}" for m in conditional_baselines(cfg)]  # trained before the evaluation
     by_state: dict[str, list[str]] = {}
     for name in names:
         by_state.setdefault(_stage_state(run_dir.stage(name)), []).append(name)

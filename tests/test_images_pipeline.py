@@ -141,3 +141,16 @@ def test_a_local_run_dir_on_several_nodes_stops_every_image_stage_that_writes_fr
         with pytest.raises(ValueError, match="on 2 nodes: .* Set run.dir to a bucket"):
             stage()
     assert list(tmp_path.iterdir()) == []  # stopped before anything was written
+
+
+def test_the_pipeline_hands_the_image_stages_their_ray_runners() -> None:
+    """ray.num_workers > 0: Ray Data, Ray Train + ZeRO, and (GPU clusters only) Ray tasks for the evaluation;
+    ray.num_workers=0: everything in this process."""
+    from braid_ray.distributed import image_data, images
+    from braid_ray.images.stages import IN_PROCESS
+
+    assert pipeline.image_runners(tiny_cfg("ray.num_workers=0")) is IN_PROCESS
+    cpu = pipeline.image_runners(tiny_cfg("ray.num_workers=2"))
+    assert cpu.sample_and_embed is image_data.sample_and_embed and cpu.embed_table is image_data.embed_table
+    assert cpu.finetune is images.finetune_images_on_ray and cpu.evaluate is None
+    assert pipeline.image_runners(tiny_cfg("ray.num_workers=2", "ray.use_gpu=true")).evaluate is not None

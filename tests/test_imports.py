@@ -41,8 +41,9 @@ def test_loading_a_config_imports_no_heavy_library() -> None:
 
 # Bottom to top; a module may import its own layer and those below. The most specific prefix names a module's
 # layer. `farm-studio look` draws these floors, with two files placed apart from their folder: images/stages.py
-# (the image pipeline's stages, which call the Ray adapters) and distributed/tune.py (the Ray Tune driver of a
-# sweep, above the sweep's own modules; ``pipeline.sweep`` runs the upstream stages and then calls it).
+# (the image pipeline's stages, beside the sequence ones; like them they get their Ray runners from the pipeline)
+# and distributed/tune.py (the Ray Tune driver of a sweep, above the sweep's own modules; ``pipeline.sweep`` runs
+# the upstream stages and then calls it).
 LAYERS: list[tuple[str, ...]] = [
     ("braid_ray", "braid_ray.config", "braid_ray.methods", "braid_ray.rundir", "braid_ray.devices"),
     ("braid_ray.data", "braid_ray.diffusion", "braid_ray.models"),

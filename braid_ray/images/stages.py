@@ -1,9 +1,10 @@
 """The image pipeline (``domain: image``): offline images -> reward heads -> fine-tuning (each method) -> evaluation.
 
 As for sequences, every stage records its config and inputs in the run directory and is reused when they
-are unchanged. Unless ``ray.num_workers=0``, stages use the adapters in ``braid_ray.distributed``: Ray Data for
-the offline images and Ray Train + DeepSpeed ZeRO for fine-tuning, and on a GPU cluster one Ray task per method
-for the evaluation; otherwise they run in this process, on ``run.device``.
+are unchanged. The work that can run on Ray comes in as ``ImageRunners`` (``braid_ray.pipeline.image_runners``
+builds them from the adapters in ``braid_ray.distributed``: Ray Data for the offline images, Ray Train + DeepSpeed
+ZeRO for fine-tuning, and on a GPU cluster one Ray task per method for the evaluation); without them every stage
+runs in this process, on ``run.device``.
 
 D is a set of images with labels y: sampled from the pretrained model and scored by the oracle head (plus
 ``image.label_noise``), or read from ``image.offline_table``. D_off = the rows below the ``data.quantile``
@@ -15,6 +16,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from braid_ray.data.splits import below_quantile
 from braid_ray.devices import resolve_device
 from braid_ray.eval.plots import score_distributions
 from braid_ray.eval.report import to_markdown
+from braid_ray.eval.stats import pearson
 from braid_ray.finetune.loop import FINETUNE_RUN_KEYS, drive, tracking_sinks, write_finetune_summary
 from braid_ray.images import evaluate as ev
 from braid_ray.images.export import LORA_WEIGHT_NAME, lora_only, save_lora_for_diffusers, unet_weights
@@ -47,6 +51,18 @@ STAGES = ("data", "reward", "finetune", "eval")
 EVAL_ONLY = ("grid_images", "embed_batch_size", "embed_actors")
 
 
+@dataclass(frozen=True)
+class ImageRunners:
+    """The image stages' work that runs elsewhere (on Ray); each None runs in this process."""
+    sample_and_embed: Callable[[Config, str], pd.DataFrame] | None = None  # (cfg, scratch uri) -> D
+    embed_table: Callable[[Config, pd.DataFrame, str], pd.DataFrame] | None = None  # (cfg, table, scratch uri) -> D
+    finetune: Callable[[Config, str, bytes, str, str], tuple[dict, list[dict]]] | None = None
+    evaluate: Callable[[Config, list[str]], list[tuple[np.ndarray, pd.DataFrame]]] | None = None
+
+
+IN_PROCESS = ImageRunners()
+
+
 def _local_or_uri(run: RunDir, stage: str, name: str) -> str:
     return str(run.stage(stage).local_path(name)) if run.is_local() else f"{run.uri}/{stage}/{name}"
 
@@ -55,7 +71,7 @@ def _local_or_uri(run: RunDir, stage: str, name: str) -> str:
 # Offline images
 
 
-def offline_stage(cfg: Config, run: RunDir) -> tuple[pd.DataFrame, dict, str]:
+def offline_stage(cfg: Config, run: RunDir, runners: ImageRunners = IN_PROCESS) -> tuple[pd.DataFrame, dict, str]:
     """D: images with CLIP embeddings, oracle scores and labels y, split into D_off and the rest."""
     im = cfg.image
     q = cfg.data.quantile if cfg.data.quantile is not None else DEFAULT_QUANTILE
@@ -70,7 +86,7 @@ def offline_stage(cfg: Config, run: RunDir) -> tuple[pd.DataFrame, dict, str]:
 
     def make() -> None:
         start = time.perf_counter()
-        frame = _user_table(cfg, run) if im.offline_table else _sampled_table(cfg, run)
+        frame = _user_table(cfg, run, runners) if im.offline_table else _sampled_table(cfg, run, runners)
         y = frame["y"].to_numpy()
         off, threshold = below_quantile(y, q, f"{run.uri}/data")
         frame["split"] = np.where(off, "off", "above")
@@ -87,13 +103,11 @@ def offline_stage(cfg: Config, run: RunDir) -> tuple[pd.DataFrame, dict, str]:
     return stage.read_parquet("d.parquet"), stage.read_json("summary.json"), fingerprint(record)
 
 
-def _sampled_table(cfg: Config, run: RunDir) -> pd.DataFrame:
+def _sampled_table(cfg: Config, run: RunDir, runners: ImageRunners) -> pd.DataFrame:
     log.info("data: sampling %d images from %s and embedding them with %s", cfg.image.offline_images,
              cfg.image.model, cfg.image.clip_model)
-    if cfg.ray.num_workers > 0:
-        from braid_ray.distributed.image_data import sample_and_embed
-
-        frame = sample_and_embed(cfg, _local_or_uri(run, "data", "batch_inference"))
+    if runners.sample_and_embed is not None:
+        frame = runners.sample_and_embed(cfg, _local_or_uri(run, "data", "batch_inference"))
     else:
         bs = cfg.image.embed_batch_size
         rows = run_in_process(SampleBatch(cfg.to_dict()), offline_requests(cfg), bs)
@@ -102,7 +116,7 @@ def _sampled_table(cfg: Config, run: RunDir) -> pd.DataFrame:
     return frame.assign(y=frame["oracle"].to_numpy() + noise)
 
 
-def _user_table(cfg: Config, run: RunDir) -> pd.DataFrame:
+def _user_table(cfg: Config, run: RunDir, runners: ImageRunners) -> pd.DataFrame:
     im = cfg.image
     table = pd.read_parquet(im.offline_table)
     for col in (im.image_column, im.score_column):
@@ -114,10 +128,8 @@ def _user_table(cfg: Config, run: RunDir) -> pd.DataFrame:
         bad = int(np.flatnonzero(~np.isfinite(y))[0])
         raise ValueError(f"{im.offline_table}: row {bad}: column {im.score_column!r} is not a finite number")
     table = table.assign(id=np.arange(len(table)), y=y)
-    if cfg.ray.num_workers > 0:
-        from braid_ray.distributed.image_data import embed_table
-
-        return embed_table(cfg, table, _local_or_uri(run, "data", "batch_inference"))
+    if runners.embed_table is not None:
+        return runners.embed_table(cfg, table, _local_or_uri(run, "data", "batch_inference"))
     return _frame(run_in_process(EmbedBatch(cfg.to_dict(), image_column=im.image_column),
                                  {c: table[c].to_numpy() for c in table.columns}, im.embed_batch_size))
 
@@ -147,7 +159,7 @@ def reward_stage(cfg: Config, run: RunDir, data: pd.DataFrame, data_fp: str) -> 
             r_in, g_in = score(reward, emb[held], penalty)
             r_out, g_out = score(reward, emb[above], penalty) if above.size else (np.zeros(0), np.zeros(0))
             report[penalty] = {"rmse_in": float(np.sqrt(np.mean((r_in - y[held]) ** 2))),
-                               "pearson_in": float(np.corrcoef(r_in, y[held])[0, 1]) if len(held) > 2 else float("nan"),
+                               "pearson_in": pearson(r_in, y[held], min_rows=3),
                                "mean_g_in": float(g_in.mean()),
                                "mean_g_above": float(g_out.mean()) if above.size else None,
                                "mean_r_above": float(r_out.mean()) if above.size else None,
@@ -170,7 +182,8 @@ def trainable_weights(policy_state: dict[str, torch.Tensor], lora: bool) -> dict
     return lora_only(unet) if lora else unet
 
 
-def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, str]) -> pd.DataFrame:
+def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, str],
+                   runners: ImageRunners = IN_PROCESS) -> pd.DataFrame:
     """Fine-tune with ``method``'s conservative reward; export fp32 weights (and LoRA weights for diffusers)."""
     image = {k: v for k, v in cfg.section("image")["image"].items() if k not in EVAL_ONLY}
     record = stage_record(cfg, ["finetune", "diffusion", "deepspeed"], upstream, drop=FINETUNE_RUN_KEYS,
@@ -181,12 +194,9 @@ def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, st
         reward_bytes = run.stage("reward").read_bytes("reward.safetensors")
         start = time.perf_counter()
         lora = cfg.image.lora_rank > 0
-        if cfg.ray.num_workers > 0:
-            from braid_ray.distributed.images import finetune_images_on_ray
-
-            state, rows = finetune_images_on_ray(cfg, method, reward_bytes,
-                                                 _local_or_uri(run, f"finetune/{method}", "ray"),
-                                                 f"{method}-seed{cfg.run.seed}")
+        if runners.finetune is not None:
+            state, rows = runners.finetune(cfg, method, reward_bytes, _local_or_uri(run, f"finetune/{method}", "ray"),
+                                           f"{method}-seed{cfg.run.seed}")
         else:
             state, rows = _finetune_in_process(cfg, run, method, reward_bytes)
         weights = trainable_weights(state, lora)
@@ -251,7 +261,8 @@ def evaluate_method(cfg: Config, method: str, device: torch.device) -> tuple[np.
     return pixels[:cfg.image.grid_images], scores.assign(method=method)
 
 
-def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str, pd.DataFrame],
+                   runners: ImageRunners = IN_PROCESS) -> pd.DataFrame:
     """Sample eval.n_samples images per method (same prompts and seeds), score them, draw the figures; guarded
     like every stage (a changed eval config or method list is a conflict, never a silent replacement).
 
@@ -261,17 +272,16 @@ def evaluate_stage(cfg: Config, run: RunDir, summary: dict, histories: dict[str,
     upstream = run.fingerprints(["data", "reward", *(f"finetune/{m}" for m in cfg.finetune.methods)])
     record = stage_record(cfg, ["eval"], upstream, methods=list(cfg.finetune.methods),
                           image={k: getattr(cfg.image, k) for k in EVAL_ONLY})
-    return stage.once(record, cfg, lambda: _evaluate(cfg, run, summary, histories),
+    return stage.once(record, cfg, lambda: _evaluate(cfg, run, summary, histories, runners),
                       lambda: pd.DataFrame(stage.read_json("metrics.json")))
 
 
-def _evaluate(cfg: Config, run: RunDir, summary: dict, histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
+def _evaluate(cfg: Config, run: RunDir, summary: dict, histories: dict[str, pd.DataFrame],
+              runners: ImageRunners) -> pd.DataFrame:
     stage = run.stage("eval")
     methods = ["pretrained", *cfg.finetune.methods]
-    if cfg.ray.num_workers > 0 and cfg.ray.use_gpu:
-        from braid_ray.distributed.image_data import evaluate_on_ray
-
-        results = evaluate_on_ray(cfg, methods, evaluate_method)
+    if runners.evaluate is not None:
+        results = runners.evaluate(cfg, methods)
     else:
         device = resolve_device(cfg.run.device)
         results = [evaluate_method(cfg, m, device) for m in methods]
@@ -318,10 +328,10 @@ def table_markdown(table: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_images(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
+def run_images(cfg: Config, stages: tuple[str, ...] = STAGES, runners: ImageRunners = IN_PROCESS) -> dict:
     """All image stages for ``cfg`` (earlier ones reused when unchanged); returns what the launch script prints."""
     run = RunDir(cfg.run.dir)
-    data, summary, data_fp = offline_stage(cfg, run)
+    data, summary, data_fp = offline_stage(cfg, run, runners)
     out: dict = {"domain": "image", "run_dir": run.uri, "data": summary}
     if "reward" in stages or "finetune" in stages:
         reward_stage(cfg, run, data, data_fp)
@@ -330,9 +340,9 @@ def run_images(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict:
     if "finetune" in stages:
         upstream = {"reward": run.stage("reward").read_json("stage.json")["fingerprint"]}
         for method in cfg.finetune.methods:
-            histories[method] = finetune_stage(cfg, run, method, upstream)
+            histories[method] = finetune_stage(cfg, run, method, upstream, runners)
     if "eval" in stages:
-        out["eval"] = table_markdown(evaluate_stage(cfg, run, summary, histories))
+        out["eval"] = table_markdown(evaluate_stage(cfg, run, summary, histories, runners))
     run.stage("").write_yaml("config.yaml", cfg.to_dict())  # only once every stage has accepted the config
     return out
 

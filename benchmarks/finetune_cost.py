@@ -33,16 +33,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from braid_ray.config import load_config
+from braid_ray.diffusion.pretrain import build_backbone, build_denoiser
+from braid_ray.diffusion.sampler import FineTunedPolicy
+from braid_ray.finetune.trainer import FineTuner
+from braid_ray.reward.conservative import ConservativeReward, RewardStats
+from braid_ray.reward.fit import stack_spec
+from braid_ray.reward.stacked import StackedNet
 
-from braid_ray.config import load_config  # noqa: E402
-from braid_ray.diffusion.pretrain import build_backbone, build_denoiser  # noqa: E402
-from braid_ray.diffusion.sampler import FineTunedPolicy  # noqa: E402
-from braid_ray.finetune.trainer import FineTuner  # noqa: E402
-from braid_ray.reward.conservative import ConservativeReward, RewardStats  # noqa: E402
-from braid_ray.reward.fit import stack_spec  # noqa: E402
-from braid_ray.reward.stacked import StackedNet  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LENGTH = 8  # TFBind8
 

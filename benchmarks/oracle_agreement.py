@@ -33,20 +33,18 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("BRAID_RAY_QUIET", "1")
+import numpy as np
+import torch
+
+from braid_ray.config import load_config
+from braid_ray.data.encoding import decode, encode_strings
+from braid_ray.eval.stats import pearson, spearman
+from braid_ray.oracles import OracleSet, build_oracles
+from braid_ray.oracles.kmer import heldout_split
+from braid_ray.rundir import RunDir
+from braid_ray.stages import data_stage
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from braid_ray.config import load_config  # noqa: E402
-from braid_ray.data.encoding import decode, encode_strings  # noqa: E402
-from braid_ray.oracles import OracleSet, build_oracles  # noqa: E402
-from braid_ray.oracles.kmer import heldout_split, spearman  # noqa: E402
-from braid_ray.oracles.trained import pearson  # noqa: E402
-from braid_ray.rundir import RunDir  # noqa: E402
-from braid_ray.stages import data_stage  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "oracle_agreement"
 PRESET = ROOT / "configs" / "utr_mrl.yaml"

@@ -35,7 +35,6 @@ import itertools
 import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,16 +43,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from braid_ray.baselines.grad import gradient_ascent
+from braid_ray.config import Config, load_config
+from braid_ray.eval.stats import bootstrap_ci, spearman
+from braid_ray.reward.conservative import ConservativeReward, checkpoint_extra
+from braid_ray.reward.fit import assemble, reward_data, score
+from braid_ray.rundir import RunDir
+from braid_ray.stages import data_stage, oracle_stage, train_in_process
 
-from braid_ray.baselines.grad import gradient_ascent  # noqa: E402
-from braid_ray.config import Config, load_config  # noqa: E402
-from braid_ray.oracles.kmer import spearman  # noqa: E402
-from braid_ray.reward.conservative import ConservativeReward, checkpoint_extra  # noqa: E402
-from braid_ray.reward.fit import assemble, reward_data, score  # noqa: E402
-from braid_ray.rundir import RunDir  # noqa: E402
-from braid_ray.stages import data_stage, oracle_stage, train_in_process  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 JSONL = RESULTS / "overoptimisation.jsonl"
@@ -153,17 +151,6 @@ def design_set_metrics(codes: np.ndarray, y: np.ndarray, in_off: np.ndarray, bes
     return {"grad_median": float(np.median(s)), "grad_mean": float(s.mean()), "grad_max": float(s.max()),
             "grad_distinct": int(np.unique(idx).size), "grad_share_in_off": float(in_off[idx].mean()),
             "grad_frac_above_best": float((s > best_offline).mean())}
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = 10_000, seed: int = 0, level: float = 0.95
-                 ) -> tuple[float, float, float]:
-    """Mean of ``values`` (one per seed) and the percentile bootstrap CI of the mean (resampling seeds)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    means = np.random.default_rng(seed).choice(v, size=(n_boot, v.size), replace=True).mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(v.mean()), float(lo), float(hi)
 
 
 class PenalisedObjective:
@@ -318,7 +305,7 @@ def diff_summary(p: pd.DataFrame) -> pd.DataFrame:
     """Mean paired difference, its bootstrap 95% CI over seeds, and wins / ties / losses, per setting x method."""
     out = []
     for (setting, method, strength), g in p.groupby(["setting", "method", "strength"], sort=False):
-        mean, lo, hi = bootstrap_ci(g["diff"].to_numpy())
+        mean, (lo, hi) = g["diff"].mean(), bootstrap_ci(g["diff"].to_numpy())
         out.append({"setting": setting, "method": method, "strength": strength, "label": _label(method, strength),
                     "mean": mean, "lo": lo, "hi": hi, "seeds": len(g), "wins": int((g["diff"] > 1e-12).sum()),
                     "ties": int((g["diff"].abs() <= 1e-12).sum()), "losses": int((g["diff"] < -1e-12).sum())})
@@ -419,7 +406,7 @@ def report(df: pd.DataFrame, command: str) -> str:
             if not len(both):
                 continue
             d = b.loc[both, "grad_median"] - a.loc[both, "grad_median"]
-            mean, lo, hi = bootstrap_ci(d.to_numpy())
+            mean, (lo, hi) = d.mean(), bootstrap_ci(d.to_numpy())
             w, t, l_ = int((d > 1e-12).sum()), int((d.abs() <= 1e-12).sum()), int((d < -1e-12).sum())
             lines.append(f"| {setting} | {_pm(a['grad_median'])} | {_pm(b['grad_median'])} | "
                          f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] {w}/{t}/{l_} | "
@@ -441,10 +428,8 @@ def report(df: pd.DataFrame, command: str) -> str:
 
 
 def plot(df: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     order = setting_order(df)
     shorts = dict(zip(df["setting"], df["short"]))
@@ -453,10 +438,10 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
     panels = [("BRAID-Boot (min_m r_m)", ["BRAID-Boot"]), ("BRAID-Bonus", ["BRAID-Bonus"]), ("LCB", ["LCB"])]
     metrics = [("argmax_oracle", "oracle of argmax(r_hat - g_hat)\nminus STRL's"),
                ("top64_median", "oracle median of the top 64\nminus STRL's")]
-    fig, axes = plt.subplots(len(metrics), len(panels) + 1, figsize=(4.6 * (len(panels) + 1), 7.4),
-                             squeeze=False)
+    fig = Figure(figsize=(4.6 * (len(panels) + 1), 7.4))
+    axes = fig.subplots(len(metrics), len(panels) + 1, squeeze=False)
     x = np.arange(len(order))
-    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(STRENGTHS)))
+    colours = colormaps["viridis"](np.linspace(0, 0.9, len(STRENGTHS)))
     for row, (metric, ylabel) in enumerate(metrics):
         s = diff_summary(paired(enum, metric))
         p = paired(enum, metric)
@@ -491,7 +476,7 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
             for i, t in enumerate(order):
                 v = d[d["setting"] == t]["diff"].to_numpy()
                 if v.size:
-                    mean, lo, hi = bootstrap_ci(v)
+                    mean, (lo, hi) = v.mean(), bootstrap_ci(v)
                     ax.scatter(np.full(v.size, i), v, s=9, color="black", alpha=0.35)
                     ax.errorbar([i], [mean], yerr=[[mean - lo], [hi - mean]], fmt="s", ms=4, capsize=2, color="black")
             ax.axhline(0, color="crimson", lw=1)
@@ -516,7 +501,6 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

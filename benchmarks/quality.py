@@ -21,17 +21,16 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from braid_ray import pipeline
 from braid_ray.config import load_config
+from braid_ray.eval.stats import bootstrap_ci
 from braid_ray.evaluate import SELECTION_QUERIES
 from braid_ray.methods import METHODS
 from braid_ray.rundir import RunDir
@@ -114,15 +113,6 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
 # Report
 
 
-def bootstrap_ci(x: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap 95% interval of the mean of x (over seeds)."""
-    x = np.asarray(x, dtype=float)
-    if len(x) < 2:
-        return (math.nan, math.nan)
-    means = np.random.default_rng(seed).choice(x, (n, len(x)), replace=True).mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def paired(df: pd.DataFrame, key: str, method: str, baseline: str = "STRL") -> pd.DataFrame:
     """Per alpha: method minus baseline on ``key``, paired by seed: mean, 95% bootstrap CI, seeds, wins."""
     rows = []
@@ -133,7 +123,7 @@ def paired(df: pd.DataFrame, key: str, method: str, baseline: str = "STRL") -> p
         d = (a - b).dropna()
         if d.empty:
             continue
-        lo, hi = bootstrap_ci(d.to_numpy())
+        lo, hi = bootstrap_ci(d.to_numpy(), min_values=2)
         rows.append({"alpha": alpha, "mean": d.mean(), "lo": lo, "hi": hi, "seeds": len(d), "wins": int((d > 0).sum())})
     return pd.DataFrame(rows)
 
@@ -196,7 +186,7 @@ def report(df: pd.DataFrame) -> str:
                 b = chosen[chosen["method"] == "STRL"].set_index("seed")
                 d = (a[key] - b[key]).dropna()
                 if len(d):
-                    lo, hi = bootstrap_ci(d.to_numpy())
+                    lo, hi = bootstrap_ci(d.to_numpy(), min_values=2)
                     picks = ", ".join(f"{s}: {a.loc[s, 'alpha']:g} vs {b.loc[s, 'alpha']:g}" for s in d.index)
                     lines += [f"| each at its selected alpha | {d.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] | {len(d)} | "
                               f"{int((d > 0).sum())} |", "", f"Selected alphas by seed ({method} vs STRL, each by "
@@ -207,13 +197,11 @@ def report(df: pd.DataFrame) -> str:
 
 def plot(df: pd.DataFrame, path: Path) -> Path:
     """Frontiers: oracle median (all and valid designs) against the whole path's KL, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     tasks = sorted(df["task"].unique())
-    fig, axes = plt.subplots(1, 2 * len(tasks), figsize=(6 * len(tasks) * 2, 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(tasks) * 2, 4.5))
+    axes = fig.subplots(1, 2 * len(tasks), squeeze=False)
     for col, task in enumerate(tasks):
         t = df[df["task"] == task]
         for j, (key, title) in enumerate((("median", "all designs"),
@@ -241,7 +229,6 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

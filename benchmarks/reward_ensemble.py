@@ -16,21 +16,20 @@ import sys
 import time
 from pathlib import Path
 
+# Before numpy and torch are imported, which read the thread count once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("BRAID_RAY_QUIET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from braid_ray.config import load_config  # noqa: E402
-from braid_ray.data.splits import offline_splits  # noqa: E402
-from braid_ray.data.tables import Labelled  # noqa: E402
-from braid_ray.data.tasks import get_task  # noqa: E402
-from braid_ray.reward.fit import assemble, calibration, reward_data, stack_spec, train_spec  # noqa: E402
-from braid_ray.reward.train import train_members  # noqa: E402
-from braid_ray.stages import DataResult, calibration_sets  # noqa: E402
+from braid_ray.config import load_config
+from braid_ray.data.splits import offline_splits
+from braid_ray.data.tables import Labelled
+from braid_ray.data.tasks import get_task
+from braid_ray.reward.fit import assemble, calibration, reward_data, stack_spec, train_spec
+from braid_ray.reward.train import train_members
+from braid_ray.stages import DataResult, calibration_sets
 
 OUT = Path(__file__).resolve().parent / "results" / "reward_ensemble.json"
 

@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from braid_ray.config import load_config
+from braid_ray.finetune.run import load_reward
+from braid_ray.reward.fit import score
+from braid_ray.rundir import RunDir
+from braid_ray.stages import data_stage, oracle_stage
 
-from braid_ray.config import load_config  # noqa: E402
-from braid_ray.finetune.run import load_reward  # noqa: E402
-from braid_ray.reward.fit import score  # noqa: E402
-from braid_ray.rundir import RunDir  # noqa: E402
-from braid_ray.stages import data_stage, oracle_stage  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PENALTIES = (("STRL", "none", 0.0), ("BRAID-Boot", "min", 1.0), ("BRAID-Bonus (k=0.3)", "bonus", 0.3),
              ("BRAID-Bonus (k=1)", "bonus", 1.0))

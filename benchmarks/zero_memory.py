@@ -19,21 +19,19 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from braid_ray.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import ray  # noqa: E402
-import ray.train  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from ray.train import RunConfig, ScalingConfig  # noqa: E402
-from ray.train.torch import TorchTrainer  # noqa: E402
-
-from braid_ray.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "zero_memory.json"
 MODES = ("ddp", "zero2", "zero3")

@@ -13,10 +13,10 @@ from braid_ray.data.encoding import encode_strings
 from braid_ray.data.splits import offline_splits
 from braid_ray.data.tables import Labelled
 from braid_ray.data.tasks import get_task
+from braid_ray.eval.stats import pearson, rankdata, spearman
 from braid_ray.oracles import (ExactTableOracle, KmerRidgeOracle, Optimus5PrimeOracle, OracleSet, TrainedCNNOracle,
                                agreement, build_oracle, build_oracles, method_agreement)
-from braid_ray.oracles.kmer import KmerFeatures, default_features, heldout_split, rankdata, spearman
-from braid_ray.oracles.trained import pearson
+from braid_ray.oracles.kmer import KmerFeatures, default_features, heldout_split
 from braid_ray.rundir import RunDir
 
 # Golden predictions [HEK293T, T cells, HepG2] from the Optimus 5-Prime PROVENANCE (numpy float32 forward).

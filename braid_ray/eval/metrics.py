@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from braid_ray.eval.stats import pearson
+
 N_LETTERS = 4
 MAX_K = 12  # 4**12 = 16.8M frequencies; larger k has no use for validity
 # The 3-mer reference is the measured top 0.1% of D by y, as in DRAKES (eval.kmer_top_fraction), with at least
@@ -105,10 +107,7 @@ def kmer_pearson(codes: np.ndarray, reference_codes: np.ndarray, k: int = 3) -> 
     """
     codes, reference = check_codes(codes), check_codes(reference_codes, "reference_codes")
     _check_same_length(codes, reference)
-    f, g = kmer_frequencies(codes, k), kmer_frequencies(reference, k)
-    if f.std() == 0 or g.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(f, g)[0, 1])
+    return pearson(kmer_frequencies(codes, k), kmer_frequencies(reference, k))
 
 
 def top_rows(y: np.ndarray, fraction: float, min_rows: int = 1) -> np.ndarray:

@@ -1,33 +1,29 @@
 """Evaluation figures: oracle score distributions per method (the paper's Fig. 2) and training curves.
 
-Headless by design: the Agg backend is selected when this module is imported.
+Headless by design: figures are drawn with matplotlib's object API (``Figure``), which needs no GUI backend
+and leaves pyplot's global state (current figure, backend) alone.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import to_rgba  # noqa: E402
-
-from braid_ray.eval.metrics import check_scores  # noqa: E402
+from braid_ray.eval.metrics import check_scores
 
 DPI = 120
 MAX_POINTS = 400  # scores drawn as dots per method; the box always summarises all of them
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 
 
@@ -48,11 +44,12 @@ def score_distributions(scores_by_method: dict[str, np.ndarray], best_offline: f
         raise ValueError(f"best_offline: expected a finite score, got {best_offline!r}")
     names = list(scores_by_method)
     data = [check_scores(scores_by_method[m], f"scores_by_method[{m!r}]") for m in names]
-    palette = plt.get_cmap("tab10").colors
+    palette = colormaps["tab10"].colors
     colors = [palette[i % len(palette)] for i in range(len(names))]
     rng = np.random.default_rng(0)  # jitter and the subsample of dots only
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(names) + 1.0), 4.5))
+    fig = Figure(figsize=(max(5.0, 1.4 * len(names) + 1.0), 4.5))
+    ax = fig.subplots()
     positions = np.arange(1, len(names) + 1)
     for pos, scores, color in zip(positions, data, colors):
         shown = scores if scores.size <= MAX_POINTS else rng.choice(scores, MAX_POINTS, replace=False)
@@ -93,7 +90,8 @@ def training_curves(curves: dict[str, pd.DataFrame], path: str | Path) -> Path:
     n = len(curves)
     ncols = min(n, 3)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), sharey=True, squeeze=False)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows))
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False)
     for ax, (method, frame) in zip(axes.flat, curves.items()):
         frame = frame.sort_values("step")
         ax.plot(frame["step"], frame["r_hat"], color="tab:blue", label="r_hat (model)")

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from braid_ray.reward.conservative import ConservativeReward
+from braid_ray.seeding import seeded
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "aesthetic_laion"
 TINY = "tiny"
@@ -76,10 +77,10 @@ def load_image_encoder(name: str) -> CLIPVisionModelWithProjection:
     """CLIP's vision tower with projection from a hub id or folder (``from_pretrained``), or ``"tiny"``
     (built from a small config with a fixed seed, 768-d output like ViT-L/14 so the LAION heads apply)."""
     if name == TINY:
-        torch.manual_seed(TINY_SEED)
-        model = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            image_size=16, patch_size=4, hidden_size=16, intermediate_size=32, num_attention_heads=2,
-            num_hidden_layers=1, projection_dim=EMBED_DIM))
+        with seeded(TINY_SEED):
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(
+                image_size=16, patch_size=4, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                num_hidden_layers=1, projection_dim=EMBED_DIM))
     else:
         model = CLIPVisionModelWithProjection.from_pretrained(name)
     return model.requires_grad_(False).eval()

@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from braid_ray.seeding import seeded
+
 TINY = "tiny"
 TINY_SEED = 0  # the tiny "pretrained" weights never depend on run.seed
 TINY_TEXT_LENGTH = 16  # tokens per prompt of the tiny tokenizer / text encoder
@@ -65,25 +67,27 @@ def tiny_tokenizer(max_length: int = TINY_TEXT_LENGTH) -> CLIPTokenizer:
 
 
 def tiny_unet() -> UNet2DConditionModel:
-    torch.manual_seed(TINY_SEED)
-    return UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4)
+    with seeded(TINY_SEED):
+        return UNet2DConditionModel(
+            block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, norm_num_groups=4,
+            attention_head_dim=4)
 
 
 def tiny_components() -> SDComponents:
     """The SD v1.5 component classes at toy size: 16x16 images, 8x8x4 latents, 16-token prompts."""
     unet = tiny_unet()
-    torch.manual_seed(TINY_SEED + 1)
-    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=16)
-    torch.manual_seed(TINY_SEED + 2)
+    with seeded(TINY_SEED + 1):
+        vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=4, sample_size=16)
     tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-        max_position_embeddings=TINY_TEXT_LENGTH, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    with seeded(TINY_SEED + 2):
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+            num_hidden_layers=1, max_position_embeddings=TINY_TEXT_LENGTH, projection_dim=16, bos_token_id=0,
+            eos_token_id=1, pad_token_id=1))
     return SDComponents(unet, vae, text_encoder, tokenizer, sd_scheduler())
 
 

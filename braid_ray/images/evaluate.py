@@ -8,19 +8,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from braid_ray.images.aesthetic import ImageReward, to_uint8  # noqa: E402
-from braid_ray.images.prompts import prompt_set  # noqa: E402
-from braid_ray.images.sampler import ImagePolicy, image_rollout  # noqa: E402
-from braid_ray.methods import label  # noqa: E402
-
+from braid_ray.images.aesthetic import ImageReward, to_uint8
+from braid_ray.images.prompts import prompt_set
+from braid_ray.images.sampler import ImagePolicy, image_rollout
+from braid_ray.methods import label
 
 
 @torch.inference_mode()
@@ -54,7 +50,8 @@ def sample_grid(pixels: np.ndarray, scores: np.ndarray, title: str, path: str | 
     n = len(pixels)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.7 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, s in zip(axes.flat, pixels, scores):
@@ -72,7 +69,8 @@ def reward_vs_oracle(histories: dict[str, pd.DataFrame], path: str | Path) -> Pa
     """
     if not histories:
         raise ValueError("histories: expected at least one method's training history")
-    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(histories), 3.4))
+    axes = fig.subplots(1, len(histories), squeeze=False)
     for ax, (method, h) in zip(axes[0], histories.items()):
         ax.plot(h["step"], h["r_hat"], label="r_hat (learned reward)", color="tab:blue")
         ax.plot(h["step"], h["r_hat"] - h["g_hat"], label="r_hat - g_hat", color="tab:blue", linestyle="--")
@@ -84,14 +82,11 @@ def reward_vs_oracle(histories: dict[str, pd.DataFrame], path: str | Path) -> Pa
     return _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return path
 
 

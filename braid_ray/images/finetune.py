@@ -18,14 +18,15 @@ from torch import nn
 
 from braid_ray.config import Config
 from braid_ray.finetune.trainer import FineTuner, StepMetrics
-from braid_ray.methods import METHODS
 from braid_ray.images.aesthetic import ClipEmbedder, ImageReward, laion_head, load_image_encoder
 from braid_ray.images.components import DTYPES, load_components
 from braid_ray.images.prompts import sample_prompts
 from braid_ray.images.sampler import (DDIMSchedule, ImagePolicy, ImageRollout, SDBackbone, image_early_kl,
                                       image_rollout)
 from braid_ray.images.zero import micro_batch
+from braid_ray.methods import METHODS
 from braid_ray.reward.conservative import ConservativeReward
+from braid_ray.seeding import seeded
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections
 def add_lora(unet: nn.Module, rank: int, seed: int) -> nn.Module:
     """Freeze ``unet`` and add LoRA adapters; B starts at zero, so the policy starts at the pretrained one."""
     unet.requires_grad_(False)
-    torch.manual_seed(seed)  # the same A on every rank
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    with seeded(seed):  # the same A on every rank (peft builds the adapters on the CPU, then moves them)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
     return unet
 
 

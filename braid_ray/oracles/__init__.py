@@ -18,13 +18,14 @@ from braid_ray.data.encoding import one_hot
 from braid_ray.data.splits import Splits
 from braid_ray.data.tables import Labelled
 from braid_ray.data.tasks import ASSETS, Task
+from braid_ray.eval.stats import pearson
 from braid_ray.oracles.agreement import OracleSet, agreement, heldout_agreement, method_agreement
 from braid_ray.oracles.base import Oracle
 from braid_ray.oracles.kmer import (LAMBDAS, KmerRidgeOracle, data_digest, default_features, heldout_split,
                                     settings_digest)
 from braid_ray.oracles.optimus import Optimus5Prime
 from braid_ray.oracles.table import ExactTableOracle
-from braid_ray.oracles.trained import TrainedCNNOracle, pearson
+from braid_ray.oracles.trained import TrainedCNNOracle
 from braid_ray.rundir import Stage, fingerprint
 
 log = logging.getLogger(__name__)

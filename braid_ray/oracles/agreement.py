@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from braid_ray.eval.stats import pearson, spearman
 from braid_ray.oracles.base import Oracle
-from braid_ray.oracles.kmer import spearman
-from braid_ray.oracles.trained import pearson
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> dict:

@@ -27,13 +27,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from braid_ray.oracles.trained import pearson
+from braid_ray.eval.stats import pearson, spearman
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +43,6 @@ LAMBDAS = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03)  # ridge strengths tried, largest fir
 TOL = 1e-5  # conjugate gradients stop at ||residual|| / ||Phi^T z|| below this
 MAX_ITER = 400  # conjugate-gradient iterations per lambda
 CHUNK = 1024  # rows per chunk when scoring (a chunk's dense counts: CHUNK x 5,460 floats for L = 50)
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho: Pearson of the average ranks (ties share their mean rank)."""
-    return pearson(rankdata(a), rankdata(b))
-
-
-def rankdata(a: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties averaged (as scipy.stats.rankdata's default)."""
-    return pd.Series(np.asarray(a, np.float64)).rank(method="average").to_numpy()
 
 
 def kmer_ids(codes: np.ndarray, k: int) -> np.ndarray:

@@ -14,7 +14,9 @@ from safetensors.torch import save as save_safetensors
 
 from braid_ray.config import OracleConfig
 from braid_ray.data.encoding import one_hot
+from braid_ray.eval.stats import pearson
 from braid_ray.models import SequenceCNN
+from braid_ray.seeding import seeded
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,6 @@ def _predict(model: SequenceCNN, codes: np.ndarray, batch: int = 2048) -> np.nda
     with torch.no_grad():
         out = [model(torch.from_numpy(one_hot(codes[i:i + batch]))) for i in range(0, len(codes), batch)]
     return torch.cat(out).double().numpy()
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
 
 
 class TrainedCNNOracle:
@@ -57,29 +52,29 @@ class TrainedCNNOracle:
         n_val = max(1, int(round(cfg.val_fraction * len(codes))))
         val, tr = perm[:n_val], perm[n_val:]
         y_mean, y_std = float(y[tr].mean()), float(y[tr].std() or 1.0)
-        torch.manual_seed(seed)
-        model = _build(codes.shape[1], cfg)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         x_tr = torch.from_numpy(one_hot(codes[tr]))
         z_tr = torch.from_numpy(((y[tr] - y_mean) / y_std).astype(np.float32))
         best, best_state, stale = -np.inf, None, 0
-        for epoch in range(cfg.epochs):
-            model.train()
-            order = torch.from_numpy(rng.permutation(len(tr)))
-            for i in range(0, len(tr), cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
-                loss = torch.nn.functional.mse_loss(model(x_tr[idx]), z_tr[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            r = pearson(_predict(model, codes[val]), y[val])
-            log.info("oracle epoch %d/%d: held-out Pearson %.4f", epoch + 1, cfg.epochs, r)
-            if r > best:
-                best, best_state, stale = r, {k: v.clone() for k, v in model.state_dict().items()}, 0
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
+        with seeded(seed):  # the initial weights and the dropout masks
+            model = _build(codes.shape[1], cfg)
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            for epoch in range(cfg.epochs):
+                model.train()
+                order = torch.from_numpy(rng.permutation(len(tr)))
+                for i in range(0, len(tr), cfg.batch_size):
+                    idx = order[i:i + cfg.batch_size]
+                    loss = torch.nn.functional.mse_loss(model(x_tr[idx]), z_tr[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                r = pearson(_predict(model, codes[val]), y[val])
+                log.info("oracle epoch %d/%d: held-out Pearson %.4f", epoch + 1, cfg.epochs, r)
+                if r > best:
+                    best, best_state, stale = r, {k: v.clone() for k, v in model.state_dict().items()}, 0
+                else:
+                    stale += 1
+                    if stale >= cfg.patience:
+                        break
         model.load_state_dict(best_state)
         info = {"kind": cls.name, "exact": False, "heldout_pearson": best, "heldout_rows": int(n_val),
                 "y_mean": y_mean, "y_std": y_std,

@@ -14,6 +14,8 @@ import torch
 
 from braid_ray.config import RewardConfig
 from braid_ray.data.encoding import one_hot
+from braid_ray.eval.report import to_markdown
+from braid_ray.eval.stats import pearson, spearman
 from braid_ray.reward.conservative import PENALTIES, ConservativeReward, RewardStats, bonus, bonus_factor
 from braid_ray.reward.stacked import MLPSpec, StackedNet, StackSpec
 from braid_ray.reward.train import TrainSpec, member_inputs
@@ -92,19 +94,6 @@ def assemble(net: StackedNet, data: RewardData, cfg: RewardConfig, chunk: int = 
 # Calibration report
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 3:
-        return float("nan")
-    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and a.std() > 0 and b.std() > 0 else float("nan")
-
-
 @torch.no_grad()
 def score(reward: ConservativeReward, x: np.ndarray | torch.Tensor, penalty: str,
           chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +120,10 @@ def calibration(reward: ConservativeReward, sets: dict[str, tuple[np.ndarray, np
             r, g = score(reward, codes, penalty)
             err = np.abs(r - y)
             rows[name] = {"rows": int(len(y)), "rmse": float(np.sqrt(np.mean((r - y) ** 2))),
-                          "bias": float(np.mean(r - y)), "pearson": _pearson(r, y), "spearman": _spearman(r, y),
+                          "bias": float(np.mean(r - y)), "pearson": pearson(r, y, min_rows=3),
+                          "spearman": spearman(r, y, min_rows=3),
                           "mean_r_hat": float(r.mean()), "mean_g_hat": float(g.mean()),
-                          "coverage": float(np.mean(err <= g)), "spearman_g_abs_err": _spearman(g, err)}
+                          "coverage": float(np.mean(err <= g)), "spearman_g_abs_err": spearman(g, err, min_rows=3)}
         inside = rows["in"]["mean_g_hat"]
         rows["ratio_g_out_in"] = {k: (v["mean_g_hat"] / inside if inside > 0 else float("nan"))
                                   for k, v in rows.items() if k != "in"}
@@ -141,7 +131,7 @@ def calibration(reward: ConservativeReward, sets: dict[str, tuple[np.ndarray, np
         codes = np.concatenate([c for c, _ in both])
         y = np.concatenate([t for _, t in both])
         r, g = score(reward, codes, penalty)
-        rows["spearman_g_abs_err"] = _spearman(g, np.abs(r - y))
+        rows["spearman_g_abs_err"] = spearman(g, np.abs(r - y), min_rows=3)
         soft = {}
         hard = one_hot(relaxed)
         for t in (0.0, 0.25, 0.5, 1.0):
@@ -154,26 +144,19 @@ def calibration(reward: ConservativeReward, sets: dict[str, tuple[np.ndarray, np
 
 
 def calibration_markdown(report: dict) -> str:
-    """The calibration report as a Markdown table, one row per penalty mode."""
-    lines = ["| penalty | RMSE in | Pearson in | Spearman top half | Spearman top 1% | mean g in | "
-             "g out/in (ood) | g out/in (top half) | g out/in (top 1%) | coverage in | coverage ood | "
-             "Spearman(g, abs err) |", "|" + "---|" * 12]
-    for penalty, rows in report.items():
-        ratio = rows["ratio_g_out_in"]
-
-        def f(x: float | None) -> str:
-            return "-" if x is None or x != x else f"{x:.3f}"
-
-        lines.append(
-            f"| {penalty} | {f(rows['in']['rmse'])} | {f(rows['in']['pearson'])} | "
-            f"{f(rows.get('top_half', {}).get('spearman'))} | {f(rows.get('top_1pct', {}).get('spearman'))} | "
-            f"{f(rows['in']['mean_g_hat'])} | {f(ratio.get('ood'))} | {f(ratio.get('top_half'))} | "
-            f"{f(ratio.get('top_1pct'))} | {f(rows['in']['coverage'])} | {f(rows.get('ood', {}).get('coverage'))} | "
-            f"{f(rows['spearman_g_abs_err'])} |")
-    soft = ["", "Reward on relaxed inputs ((1 - t) one-hot + t random simplex point per position; "
-            "mean r_hat / mean g_hat):", "", "| penalty | " + " | ".join(report["none"]["relaxed_inputs"]) + " |",
-            "|---|" + "---|" * len(report["none"]["relaxed_inputs"])]
-    for penalty, rows in report.items():
-        soft.append(f"| {penalty} | " + " | ".join(f"{v['mean_r_hat']:.3f} / {v['mean_g_hat']:.3f}"
-                                                   for v in rows["relaxed_inputs"].values()) + " |")
-    return "\n".join(lines + soft) + "\n"
+    """The calibration report as Markdown: a table with one row per penalty mode, then the reward on relaxed
+    inputs per mode (``-``: a set the report does not have)."""
+    fit = pd.DataFrame([{
+        "penalty": penalty, "RMSE in": rows["in"]["rmse"], "Pearson in": rows["in"]["pearson"],
+        "Spearman top half": rows.get("top_half", {}).get("spearman"),
+        "Spearman top 1%": rows.get("top_1pct", {}).get("spearman"), "mean g in": rows["in"]["mean_g_hat"],
+        "g out/in (ood)": rows["ratio_g_out_in"].get("ood"),
+        "g out/in (top half)": rows["ratio_g_out_in"].get("top_half"),
+        "g out/in (top 1%)": rows["ratio_g_out_in"].get("top_1pct"), "coverage in": rows["in"]["coverage"],
+        "coverage ood": rows.get("ood", {}).get("coverage"), "Spearman(g, abs err)": rows["spearman_g_abs_err"],
+    } for penalty, rows in report.items()]).set_index("penalty").astype(float).reset_index()  # None -> NaN -> "-"
+    relaxed = pd.DataFrame([{"penalty": penalty, **{t: f"{v['mean_r_hat']:.3f} / {v['mean_g_hat']:.3f}"
+                                                    for t, v in rows["relaxed_inputs"].items()}}
+                            for penalty, rows in report.items()])
+    return (to_markdown(fit) + "\nReward on relaxed inputs ((1 - t) one-hot + t random simplex point per position; "
+            "mean r_hat / mean g_hat):\n\n" + to_markdown(relaxed))

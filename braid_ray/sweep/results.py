@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-
-from braid_ray.sweep.spec import METRIC, SEED_KEY, Sweep, set_dotted, trial_config  # noqa: E402
+from braid_ray.eval.report import to_markdown
+from braid_ray.sweep.spec import METRIC, SEED_KEY, Sweep, set_dotted, trial_config
 
 ALPHA, STRENGTH = "finetune.alpha", "finetune.strength"
 # Per-trial result columns, after the searched keys.
@@ -64,17 +63,17 @@ def seed_table(trials: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def seed_markdown(table: pd.DataFrame, keys: list[str]) -> str:
-    """The seed table as markdown with mean±std cells."""
+    """The seed table as markdown with mean±std cells (no trailing newline)."""
     by = group_keys(keys)
-    head = [*by, "seeds", *SUMMARY_METRICS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for _, row in table.iterrows():
-        cells = [f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in by] + [str(int(row["seeds"]))]
+        cell = {k: f"{row[k]:g}" if isinstance(row[k], float) else str(row[k]) for k in by}
+        cell["seeds"] = int(row["seeds"])
         for m in SUMMARY_METRICS:
             std = row[f"{m}_std"]
-            cells.append(f"{row[f'{m}_mean']:.4g}" + ("" if np.isnan(std) else f" ± {std:.2g}"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cell[m] = f"{row[f'{m}_mean']:.4g}" + ("" if np.isnan(std) else f" ± {std:.2g}")
+        cells.append(cell)
+    return to_markdown(pd.DataFrame(cells, columns=[*by, "seeds", *SUMMARY_METRICS])).rstrip("\n")
 
 
 def best_params(table: pd.DataFrame, keys: list[str]) -> dict:
@@ -119,7 +118,8 @@ def score_map(trials: pd.DataFrame, search: dict[str, dict[str, list]], best: di
         return None
     cells = done.groupby([STRENGTH, ALPHA])[METRIC].agg(["mean", "std"]).reset_index()
     alphas, strengths = sorted(cells[ALPHA].unique()), sorted(cells[STRENGTH].unique())
-    fig, ax = plt.subplots(figsize=(1.6 + 1.25 * min(len(alphas), 8), 1.4 + 0.9 * min(len(strengths), 8)))
+    fig = Figure(figsize=(1.6 + 1.25 * min(len(alphas), 8), 1.4 + 0.9 * min(len(strengths), 8)))
+    ax = fig.subplots()
     if listed and len(alphas) * len(strengths) <= 64:
         grid = np.full((len(strengths), len(alphas)), np.nan)
         for _, c in cells.iterrows():
@@ -132,7 +132,7 @@ def score_map(trials: pd.DataFrame, search: dict[str, dict[str, list]], best: di
             dark = hi > lo and (c["mean"] - lo) / (hi - lo) > 0.6
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if dark else "white")
         bi, bj = strengths.index(best[STRENGTH]), alphas.index(best[ALPHA])
-        ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+        ax.add_patch(Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_yticks(range(len(strengths)), [f"{v:g}" for v in strengths])
     else:
@@ -150,9 +150,6 @@ def score_map(trials: pd.DataFrame, search: dict[str, dict[str, list]], best: di
         lines[-1] += f"; pretrained {reference[METRIC]:.3f}, best offline y {reference['best_offline_y']:.3f}"
     ax.set_title("\n".join(lines), fontsize=9)
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     return buf.getvalue()
 

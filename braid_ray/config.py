@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from braid_ray.methods import METHODS
+from braid_ray.methods import BASELINES, METHODS, Penalty
 
 # Registry names, declared here so that validating a config imports no registry (nor torch, pandas or pyarrow);
 # tests/test_registry_names.py holds each one to its registry's keys.
@@ -179,6 +179,27 @@ class EvalConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """The paper's steering baselines, rows of the sequence evaluation beside the fine-tuned methods (no fine-tuning;
+    docs/method.md, "Baselines"). Each list is a grid of settings; the evaluation spends SELECTION_QUERIES oracle
+    queries per setting on designs apart from the evaluated ones and evaluates the best (as alpha is chosen)."""
+
+    methods: list[str] = field(default_factory=list)  # rows to add (BaselineName): ddom | guidance | cfg; [] = none
+    # DDOM and CFG (a conditional denoiser, classifier-free guidance):
+    # the condition y, as quantiles of y over D_off (0.95 = its top-5% threshold, 1.0 = its best row)
+    condition_quantiles: list[float] = field(default_factory=lambda: [0.95, 1.0])
+    # CFG weights w (Ho & Salimans): eps = (1 + w) eps(x_t, y) - w eps(x_t); 0 = the conditional model alone
+    cfg_weights: list[float] = field(default_factory=lambda: [0.0, 3.0, 10.0, 30.0])
+    label_dropout: float = 0.15  # share of labelled rows trained without their label (the unconditional model)
+    reweight: bool = False  # DDOM: draw D_off's rows with its binned weights favouring high y (DDOM, MINs)
+    epochs: int | None = None  # training passes over each conditional model's rows; None = diffusion.epochs
+    # Offline Guidance (classifier guidance on the pretrained model):
+    # guidance scales s: the step's mean moves by s sigma_t^2 grad_x0 (r_hat - g_hat)/std_y at the predicted x0
+    guidance_scales: list[float] = field(default_factory=lambda: [3.0, 10.0, 30.0, 100.0])
+    guidance_penalty: Penalty = "none"  # its reward: r_hat (none), or a conservative r_hat - g_hat (min | lcb | bonus)
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # Ray cluster address; None = join the job's cluster or start a local one
     num_workers: int = 2  # Ray Train workers per trainer (global); 0 = run in-process, without Ray
@@ -257,6 +278,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -497,11 +519,36 @@ def validate(cfg: Config) -> None:
     _check(0 < cfg.eval.hack_quantile < 0.5, "eval.hack_quantile", cfg.eval.hack_quantile, "a share in (0, 0.5)")
     _check(cfg.eval.hack_min_run >= 2, "eval.hack_min_run", cfg.eval.hack_min_run, "an integer >= 2")
     _check(cfg.eval.hack_elbo_rows >= 10, "eval.hack_elbo_rows", cfg.eval.hack_elbo_rows, "an integer >= 10")
+    validate_baselines(cfg)
     _check(cfg.ray.num_workers >= 0, "ray.num_workers", cfg.ray.num_workers, "an integer >= 0 (0 = in-process)")
     _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "a positive CPU count")
     _check(not cfg.tracking.tensorboard or "://" not in cfg.run.dir, "tracking.tensorboard", True,
            "false with a bucket run.dir (TensorBoard writes local files); run TensorBoard on a local run.dir")
     validate_image_sections(cfg)
+
+
+def validate_baselines(cfg: Config) -> None:
+    """The ``baselines:`` section; the rows it adds only where they make sense (sequences; guidance needs noise)."""
+    b = cfg.baselines
+    for m in b.methods:
+        _check(m in BASELINES, "baselines.methods", m, f"names from {sorted(BASELINES)}")
+    _check(len(set(b.methods)) == len(b.methods), "baselines.methods", b.methods, "each name at most once")
+    if b.methods:
+        _check(cfg.domain == "sequence", "baselines.methods", b.methods,
+               "[] with domain: image (the baselines are rows of the sequence evaluation)")
+    if "guidance" in b.methods:
+        _check(cfg.diffusion.backbone == "masked" or cfg.diffusion.eta > 0, "baselines.methods", b.methods,
+               "no guidance with diffusion.eta=0: classifier guidance moves each step's mean by sigma_t^2 * grad, "
+               "and a deterministic sampler has sigma_t = 0 (set diffusion.eta > 0)")
+    for key, ok, expected in (("condition_quantiles", lambda q: 0 < q <= 1, "quantiles in (0, 1]"),
+                              ("cfg_weights", lambda w: w >= 0, "weights >= 0"),
+                              ("guidance_scales", lambda s: s >= 0, "scales >= 0")):
+        values = getattr(b, key)
+        _check(bool(values) and all(map(ok, values)), f"baselines.{key}", values, f"a non-empty list of {expected}")
+    _check(0 < b.label_dropout < 1, "baselines.label_dropout", b.label_dropout,
+           "a share in (0, 1) (CFG needs the unconditional model, learnt from rows without their label)")
+    if b.epochs is not None:
+        _check(b.epochs >= 1, "baselines.epochs", b.epochs, "an integer >= 1 or null (= diffusion.epochs)")
 
 
 def validate_image_sections(cfg: Config) -> None:

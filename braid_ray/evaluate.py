@@ -2,8 +2,9 @@
 
 Methods: Offline (top) = the N best rows of D_off by their measured y, Offline (random) = N random rows
 of D_off, Grad. = gradient ascent on r_hat from Offline (top) (design-bench's reference optimiser, no
-diffusion model), Pretrained, and each fine-tuned method. Writes samples.parquet, designs.fasta, metrics.json,
-report.md and the plots to eval/.
+diffusion model), Pretrained, each fine-tuned method, and the steering baselines of ``baselines.methods`` (DDOM,
+Offline Guidance, CFG: braid_ray/baselines/rows.py), each at the setting its own oracle budget chose. Writes
+samples.parquet, designs.fasta, metrics.json, report.md and the plots to eval/.
 
 Validity per design (``braid_ray.eval.validity``): every design gets its longest homopolymer, composition
 entropy, GC and letter fractions, uATG count, Hamming distance to the nearest row of D and ELBO under the
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from braid_ray.baselines.grad import gradient_ascent
+from braid_ray.baselines.rows import Context, baseline_rows, describe, knob_json
 from braid_ray.config import Config
 from braid_ray.data.tables import Labelled
 from braid_ray.diffusion.likelihood import ELBO_T_SAMPLES, elbo, unsupported
@@ -38,7 +40,7 @@ from braid_ray.eval import (COLUMNS, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS, PER_D
                             to_markdown, top_rows, training_curves, validity_metrics, validity_rule, write_fasta,
                             write_report)
 from braid_ray.finetune.run import load_pretrained, load_reward
-from braid_ray.methods import METHODS, label
+from braid_ray.methods import BASELINES, METHODS, label
 from braid_ray.oracles import Oracle
 from braid_ray.oracles.agreement import method_agreement
 from braid_ray.reward.fit import score
@@ -65,6 +67,13 @@ SELECTION_STREAM = 13
 def selection_seed(seed: int) -> int:
     """The seed of the selection designs' noise: a stream apart from the evaluation's (which uses ``seed``)."""
     return int(np.random.SeedSequence([seed, SELECTION_STREAM]).generate_state(1)[0])
+
+
+def baseline_queries(cfg: Config) -> int:
+    """The oracle queries the baselines' settings cost: SELECTION_QUERIES per setting of each one's grid."""
+    b = cfg.baselines
+    per = {"conditional": len(b.condition_quantiles) * len(b.cfg_weights), "guidance": len(b.guidance_scales)}
+    return SELECTION_QUERIES * sum(per[BASELINES[m].kind] for m in b.methods)
 
 
 @torch.no_grad()
@@ -115,8 +124,12 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
     reference rows). Guarded like every stage: a changed eval config, method list or upstream stage is a
     conflict, never a silent replacement of the report."""
     stage = run.stage("eval")
-    upstream = run.fingerprints(["data", "oracle", "reward", "pretrain", *(f"finetune/{m}" for m in methods)])
-    record = stage_record(cfg, ["eval"], upstream, methods=list(methods))
+    trained = [f"baselines/{m}" for m in cfg.baselines.methods if BASELINES[m].kind == "conditional"]
+    upstream = run.fingerprints(["data", "oracle", "reward", "pretrain", *(f"finetune/{m}" for m in methods),
+                                 *trained])
+    # Without baselines the record is what it was before they existed, so earlier evaluations are reused.
+    record = stage_record(cfg, ["eval", "baselines"] if cfg.baselines.methods else ["eval"], upstream,
+                          methods=list(methods))
 
     def reuse() -> pd.DataFrame:
         m = stage.read_json("metrics.json")
@@ -154,6 +167,17 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
         chosen, _ = sample_codes(tuned, SELECTION_QUERIES, cfg.eval.batch_size, selection_seed(cfg.run.seed))
         selection[name] = float(oracle.score(chosen).mean())
         curves[name] = run.stage(f"finetune/{method}").read_parquet("history.parquet")
+    # The steering baselines: each chooses its setting on its own selection designs, then samples the evaluated ones.
+    started = time.perf_counter()
+    baselines = baseline_rows(Context(cfg, run.uri, backbone, pretrained, reward, off_y),
+                              lambda c: float(oracle.score(c).mean()), SELECTION_QUERIES, cfg.run.seed,
+                              selection_seed(cfg.run.seed))
+    for name, row in baselines.items():
+        codes[name], extra["onehot_distance"][name] = row.codes, row.onehot_distance
+        selection[name] = row.choice.score
+    if baselines:
+        log.info("baselines %s: %.1f s (%d oracle queries for their settings)", ", ".join(baselines),
+                 time.perf_counter() - started, sum(r.choice.queries for r in baselines.values()))
     scores = {name: oracle.score(c) for name, c in codes.items()}
     off_scores = oracle.score(off_codes)  # every offline design, scored like every design
     best_offline, worst_offline = float(off_scores.max()), float(off_scores.min())
@@ -161,6 +185,9 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
     for method in methods:
         name = label(method)
         extra["r_hat"][name], extra["g_hat"][name] = score(reward, codes[name], METHODS[method].penalty)
+    for name in baselines:  # guidance: under the penalty it was guided by; DDOM and CFG read no reward (g_hat 0)
+        penalty = cfg.baselines.guidance_penalty if name == BASELINES["guidance"].label else "none"
+        extra["r_hat"][name], extra["g_hat"][name] = score(reward, codes[name], penalty)
 
     # The 3-mer reference (D's measured top 0.1%) and the reference rows; their own stream, so the designs
     # above are the same as without them.
@@ -210,6 +237,7 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
         "n_samples": n, "validity_rule": rule.to_dict(),
         "selection": {"queries": SELECTION_QUERIES, "metric": "selection_score", "stream": SELECTION_STREAM,
                       "note": "mean oracle score of designs drawn apart from the evaluated ones"},
+        **({"baselines": {name: knob_json(row) for name, row in baselines.items()}} if baselines else {}),
         "elbo": {"t_samples": ELBO_T_SAMPLES, "data_rows": int(elbo_sample.size)} if not no_elbo else
         {"unavailable": no_elbo},
         "kmer_reference": {"rows": int(kmer_rows.size), "fraction": KMER_TOP_FRACTION, "k": 3},
@@ -231,9 +259,13 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
                  "Offline rows are real measured designs; generated designs are scored by the oracle only.",
                  *validity_notes(rule, d.length, len(d), kmer_rows.size, {m: len(c) for m, c in references.items()},
                                  worst_offline, int(elbo_sample.size), no_elbo, ev.hack_min_run,
-                                 describe_elbo(backbone))]
+                                 describe_elbo(backbone)),
+                 *(describe(name, row) for name, row in baselines.items())]
         validity_table = table[[c for c in VALIDITY_COLUMNS if c in table.columns]]
         tables = {"Validity per design (medians; the rule is under Notes)": validity_table}
+        if baselines:
+            tables[f"The baselines' settings: each one's selection_score on {SELECTION_QUERIES} designs apart from "
+                   "the evaluated ones; the chosen one (*) is evaluated"] = settings_table(baselines)
         if agreement:
             second = agreement["secondary"]
             tables[f"An independent oracle beside the primary: {second.get('kind')}, trained on D_ora only "
@@ -245,6 +277,15 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
                 stage.write_bytes(path.name, path.read_bytes())
     log.info("evaluation (%d designs per method, oracle %s):\n%s", n, oracle.info.get("kind"), to_markdown(table))
     return table
+
+
+def settings_table(baselines: dict) -> pd.DataFrame:
+    """One row per setting a baseline tried: the method, the setting, its selection_score, whether it was chosen."""
+    rows = [{"method": name, "setting": ", ".join(f"{k} {v:g}" for k, v in t.items() if k != "selection_score"),
+             "selection_score": t["selection_score"],
+             "chosen": "*" if {k: v for k, v in t.items() if k != "selection_score"} == row.choice.setting else ""}
+            for name, row in baselines.items() for t in row.choice.trials]
+    return pd.DataFrame(rows)
 
 
 def validity_notes(rule: ValidityRule, length: int, n_data: int, n_kmer: int, n_refs: dict[str, int],

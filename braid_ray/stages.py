@@ -1,4 +1,5 @@
-"""Pipeline stages: data (the offline protocol), oracle, reward, pretrain, fine-tune; evaluation is in evaluate.py.
+"""Pipeline stages: data (the offline protocol), oracle, reward, pretrain, fine-tune, and the conditional models of the
+DDOM / CFG baselines; evaluation is in evaluate.py.
 
 Stages that train take a runner (in-process here; Ray Train adapters in braid_ray.distributed).
 
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from braid_ray.baselines.conditional import conditional_denoiser, ddom_weights, train_conditional, training_rows
 from braid_ray.config import Config
 from braid_ray.data.encoding import decode, encode_strings
 from braid_ray.data.splits import Splits, check_offline, offline_splits, summarize
@@ -30,6 +32,7 @@ from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrai
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, trainer_state_files
 from braid_ray.finetune.loop import FINETUNE_RUN_KEYS, Save, drive, tracking_sinks, write_finetune_summary
 from braid_ray.finetune.trainer import Monitor
+from braid_ray.methods import BASELINES
 from braid_ray.oracles import SECONDARY, Oracle, build_oracles
 from braid_ray.reward.conservative import ConservativeReward
 from braid_ray.reward.fit import (RewardData, assemble, calibration, calibration_markdown, reward_data, stack_spec,
@@ -294,3 +297,43 @@ def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upst
         stage.read_parquet("history.parquet")
 
     stage.once(record, cfg, make, reuse)
+
+
+def conditional_stage(cfg: Config, run: RunDir, data: DataResult, name: str) -> str:
+    """Train the conditional denoiser of baseline ``name`` (DDOM: on D_off; CFG: on every sequence of D, labelled
+    where it is in D_off; braid_ray/baselines/conditional.py) in this process on ``run.device``, into stage
+    ``baselines/<name>``; reused when unchanged (its record holds the training settings, not the sampling grids).
+    Returns the stage fingerprint."""
+    b = cfg.baselines
+    seen = BASELINES[name].data
+    training = {"data": seen, "epochs": b.epochs or cfg.diffusion.epochs, "label_dropout": b.label_dropout,
+                "reweight": b.reweight and seen == "d_off"}  # reweighting is DDOM's, over D_off's labels
+    record = stage_record(cfg, ["diffusion"], {"data": data.fingerprint}, baseline=name, training=training)
+    stage = run.stage(f"baselines/{name}")
+
+    def make() -> str:
+        codes, labels, mean, std = training_rows(seen, data.d.codes, data.d.y, data.splits.off)
+        labelled = int(np.isfinite(labels).sum())
+        log.info("baseline %s: a conditional denoiser on %d rows (%d labelled), %d epochs", name, len(codes), labelled,
+                 training["epochs"])
+        device = resolve_device(cfg.run.device)
+        backbone = build_backbone(cfg.diffusion, data.d.length)
+        seed = int(np.random.SeedSequence([cfg.run.seed, 21, sorted(BASELINES).index(name)]).generate_state(1)[0])
+        model = conditional_denoiser(cfg.diffusion, data.d.length, backbone.in_channels, seed).to(device)
+        start = time.perf_counter()
+        losses = train_conditional(model, backbone, codes, labels, cfg.diffusion, training["epochs"], b.label_dropout,
+                                   seed, ddom_weights(labels) if training["reweight"] else None, device,
+                                   lambda e, loss: log.info("baseline %s epoch %d/%d: loss %.4f", name, e,
+                                                            training["epochs"], loss))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        stage.write_bytes("denoiser.safetensors", save_safetensors(state))
+        stage.write_json("labels.json", {"rows": len(codes), "labelled": labelled, "mean": mean, "std": std,
+                                         **training, "epoch_loss": losses, "seconds": time.perf_counter() - start})
+        return fingerprint(record)
+
+    def reuse() -> str:
+        stage.load("denoiser.safetensors", load_safetensors)  # a file that cannot be read is named now
+        stage.read_json("labels.json")
+        return fingerprint(record)
+
+    return stage.once(record, cfg, make, reuse)

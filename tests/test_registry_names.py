@@ -31,6 +31,14 @@ def test_method_names_are_the_method_table() -> None:
     assert names(MethodName) == set(METHODS)
 
 
+def test_baseline_names_are_the_baseline_table_and_every_kind_has_a_sampler() -> None:
+    from braid_ray.baselines.rows import SAMPLERS
+    from braid_ray.methods import BASELINES, BaselineName
+
+    assert names(BaselineName) == set(BASELINES)
+    assert {b.kind for b in BASELINES.values()} == set(SAMPLERS)
+
+
 def test_backbone_names_are_the_backbone_registry() -> None:
     from braid_ray.diffusion.pretrain import BACKBONES
 

@@ -86,13 +86,25 @@ class GaussianOneHotDiffusion:
     # ---- the reverse process
     def policy(self, model: nn.Module, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, float]:
         """Mean (B, L, 4) and standard deviation sigma_t of p_t(x_{t-1} | x_t) under ``model``."""
+        return self.prediction(model, x_t, t)[0]
+
+    def prediction(self, model: nn.Module, x_t: torch.Tensor,
+                   t: int) -> tuple[tuple[torch.Tensor, float], torch.Tensor]:
+        """((mean, sigma_t) of p_t(x_{t-1} | x_t), the predicted x0 (B, L, 4) that the mean is built from)."""
         sqrt_ab, sqrt_1mab, sqrt_ab_prev, c_eps = self.schedule.coefficients(t)
         eps = model(x_t, torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long))
         x0_hat = (x_t - sqrt_1mab * eps) / sqrt_ab  # pred_original_sample
         if self.clip_x0:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
             eps = (x_t - sqrt_ab * x0_hat) / sqrt_1mab  # the noise the clipped x0 implies
-        return sqrt_ab_prev * x0_hat + c_eps * eps, self.schedule.sigma(t)
+        return (sqrt_ab_prev * x0_hat + c_eps * eps, self.schedule.sigma(t)), x0_hat
+
+    @staticmethod
+    def guide(params: tuple[torch.Tensor, float], grad: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+        """Classifier guidance (Dhariwal & Nichol 2021) of a step: (mean + scale sigma_t^2 grad, sigma_t), with
+        ``grad`` (B, L, 4) the gradient of the guiding reward w.r.t. x0 at the step's predicted x0."""
+        mean, sigma = params
+        return mean + scale * sigma**2 * grad, sigma
 
     @torch.no_grad()
     def sample(self, model: nn.Module, n: int, generator: torch.Generator | None = None,

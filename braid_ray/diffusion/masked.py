@@ -128,6 +128,22 @@ class MaskedDiffusion:
         """The logits (B, L, 4) of p_theta(x_0^l | x_t), the x0 prediction that sets step t's transition (``step``)."""
         return self.logits(model, x_t, t / self.steps)
 
+    def prediction(self, model: nn.Module, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the x0 logits (B, L, 4) of step t, the predicted x0 (B, L, 4)): at a masked position the expected +-1
+        one-hot under p_theta(x_0^l | x_t), 2 p_theta - 1; elsewhere the letter that is carried over."""
+        logits = self.policy(model, x_t, t)
+        return logits, torch.where(self.masked(x_t)[..., None], 2 * torch.softmax(logits, -1) - 1, x_t)
+
+    @staticmethod
+    def guide(logits: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        """Discrete classifier guidance of a step: the x0 logits tilted by the first-order (Taylor) estimate of the
+        reward's change over the letter at each position (Nisonoff et al. 2024's TAG). With ``grad`` (B, L, 4) the
+        gradient w.r.t. x0 at the predicted x0, putting letter j at position l changes the reward by about
+        dr/dp_lj = 2 grad_lj (x0 = 2 p - 1, p the one-hot) up to a term common to every j, so
+        p(j) -> p(j) exp(scale dr/dp_lj) / Z: exact for a reward linear in the one-hot. Only the letter a position
+        unmasks to is tilted, not the step it unmasks at."""
+        return logits + scale * 2 * grad
+
     def net(self, model: nn.Module, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """The raw output (B, L, 4) of a denoiser-shaped network at step t (the fine-tuning correction)."""
         return self.logits(model, x_t, t / self.steps)

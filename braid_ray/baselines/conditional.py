@@ -24,7 +24,7 @@ from torch import nn
 
 from braid_ray.config import DiffusionConfig
 from braid_ray.diffusion.denoiser import ConvDenoiser
-from braid_ray.diffusion.pretrain import Backbone
+from braid_ray.diffusion.pretrain import Backbone, pretrain
 
 REWEIGHT_BINS = 20  # DDOM's reweighting: bins of y over D_off
 REWEIGHT_K = 0.01  # ... a bin's mass is scaled by N_b / (N_b + K N): rare bins (a few extreme rows) are damped
@@ -104,39 +104,18 @@ def train_conditional(model: ConvDenoiser, backbone: Backbone, codes: np.ndarray
                       cfg: DiffusionConfig, epochs: int, label_dropout: float, seed: int,
                       weights: np.ndarray | None = None, device: torch.device | None = None,
                       on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``model`` (on ``device``) with the backbone's own loss on codes (N, L) and labels (N,) (NaN = no label)
+    """Train ``model`` (on ``device``) as pretraining does (``diffusion.pretrain.pretrain``: the backbone's own loss,
+    Adam with cosine decay, cfg.batch_size rows per step) on codes (N, L) with their labels (N,) (NaN = no label)
     for ``epochs`` passes; each step drops a row's label with probability ``label_dropout`` (the unconditional
-    model that guidance needs). ``weights`` (N,): draw each pass's rows with these probabilities (with replacement)
-    instead of a permutation. Adam at cfg.lr with cosine decay, cfg.batch_size rows per step, as pretraining does.
-    Returns the mean loss per pass."""
+    model that guidance needs). ``weights`` (N,): draw each pass's rows with these probabilities (with
+    replacement) instead of a permutation. Returns the mean loss per pass."""
     device = device or torch.device("cpu")
-    g = torch.Generator(device=device).manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    x_all = backbone.encode(torch.from_numpy(np.asarray(codes)).to(device))
     y_all = torch.as_tensor(labels, dtype=torch.float32, device=device)
-    batch = cfg.batch_size
-    steps_per_epoch = max(1, math.ceil(len(codes) / batch))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    losses = []
-    model.train()
-    for epoch in range(epochs):
-        order = rng.permutation(len(codes)) if weights is None else rng.choice(len(codes), len(codes), p=weights)
-        order = torch.from_numpy(order).to(device)
-        total = 0.0
-        for s in range(steps_per_epoch):
-            rows = order[s * batch:(s + 1) * batch]
-            x0, y = x_all[rows], y_all[rows].clone()
-            y[torch.rand(len(rows), generator=g, device=device) < label_dropout] = math.nan
-            if cfg.data_noise > 0:
-                x0 = x0 + cfg.data_noise * torch.randn(x0.shape, generator=g, device=device)
-            loss = backbone.loss(WithLabels(model, y), x0, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        losses.append(total / steps_per_epoch)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, losses[-1])
-    return losses
+
+    def with_labels(rows: torch.Tensor, g: torch.Generator) -> nn.Module:
+        y = y_all[rows].clone()
+        y[torch.rand(len(rows), generator=g, device=device) < label_dropout] = math.nan
+        return WithLabels(model, y)
+
+    return pretrain(model, backbone, codes, cfg, seed, device=device, on_epoch=on_epoch, epochs=epochs,
+                    weights=weights, batch_model=with_labels)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from braid_ray.config import DiffusionConfig
+from braid_ray.diffusion.gaussian import GaussianOneHotDiffusion
 
 TIME_SCALE = 1000.0  # the denoiser is told the time s in [0, 1] as TIME_SCALE * s (the sinusoidal embedding's range)
 MIN_TIME = 1e-3  # the pretraining loss draws s in [MIN_TIME, 1] (its weight 1 / s is unbounded at 0; MDLM's eps)
@@ -67,16 +68,9 @@ class MaskedDiffusion:
         """From a DiffusionConfig; its samples are always straight-through (``straight_through`` is the Gaussian's)."""
         return cls(length, cfg.steps, temperature)
 
-    # ---- data <-> diffusion space
-    @staticmethod
-    def encode(codes: torch.Tensor) -> torch.Tensor:
-        """int codes (N, L) -> x0 in {-1, +1}^(N, L, 4) (one-hot scaled to +-1)."""
-        return F.one_hot(codes.long(), 4).float() * 2 - 1
-
-    @staticmethod
-    def decode(x0: torch.Tensor) -> torch.Tensor:
-        """x0 (N, L, 4) -> int codes (N, L): the final argmax of the one-hot."""
-        return x0.argmax(-1)
+    # ---- data <-> diffusion space: the Gaussian backbone's +-1 one-hot (decode is the final argmax)
+    encode = staticmethod(GaussianOneHotDiffusion.encode)
+    decode = staticmethod(GaussianOneHotDiffusion.decode)
 
     @staticmethod
     def reward_input(x0: torch.Tensor) -> torch.Tensor:

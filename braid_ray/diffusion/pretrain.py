@@ -49,30 +49,39 @@ def build_denoiser(cfg: DiffusionConfig, length: int, seed: int | None = None) -
 
 def pretrain(model: nn.Module, backbone: Backbone, codes: np.ndarray, cfg: DiffusionConfig,
              seed: int, batch_size: int | None = None, device: torch.device | None = None,
-             on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``model`` (the backbone's denoiser, already on ``device``) on one-hot ``codes`` (N, L) for cfg.epochs; returns
-    the mean loss per epoch. The rows, the noise and its generator live on ``device`` (default: the CPU).
+             on_epoch: Callable[[int, float], None] | None = None, *, epochs: int | None = None,
+             weights: np.ndarray | None = None,
+             batch_model: Callable[[torch.Tensor, torch.Generator], nn.Module] | None = None) -> list[float]:
+    """Train ``model`` (the backbone's denoiser, already on ``device``) on one-hot ``codes`` (N, L) for cfg.epochs
+    (or ``epochs``) passes with the backbone's own loss; returns the mean loss per pass. Adam at cfg.lr with cosine
+    decay. The rows, the noise and its generator live on ``device`` (default: the CPU).
 
-    ``batch_size`` is this rank's share of cfg.batch_size (default: all of it).
+    ``batch_size`` is this rank's share of cfg.batch_size (default: all of it). ``weights`` (N,): draw each pass's
+    rows with these probabilities (with replacement) instead of a permutation. ``batch_model(rows, generator)``: the
+    module the loss calls for a batch of row indices (a label-conditioned model with the batch's labels,
+    ``baselines/conditional.py``), drawing any noise it needs from the training generator; default ``model``.
     """
     batch_size = batch_size or cfg.batch_size
+    epochs = cfg.epochs if epochs is None else epochs
     device = device or torch.device("cpu")
     g = torch.Generator(device=device).manual_seed(seed)
     rng = np.random.default_rng(seed)
     x_all = backbone.encode(torch.from_numpy(np.asarray(codes)).to(device))
     steps_per_epoch = max(1, math.ceil(len(codes) / batch_size))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     losses = []
     model.train()
-    for epoch in range(cfg.epochs):
-        order = torch.from_numpy(rng.permutation(len(codes))).to(device)
+    for epoch in range(epochs):
+        order = rng.permutation(len(codes)) if weights is None else rng.choice(len(codes), len(codes), p=weights)
+        order = torch.from_numpy(order).to(device)
         total = 0.0
         for s in range(steps_per_epoch):
-            x0 = x_all[order[s * batch_size:(s + 1) * batch_size]]
+            rows = order[s * batch_size:(s + 1) * batch_size]
+            x0, net = x_all[rows], (model if batch_model is None else batch_model(rows, g))
             if cfg.data_noise > 0:
                 x0 = x0 + cfg.data_noise * torch.randn(x0.shape, generator=g, device=device)
-            loss = backbone.loss(model, x0, g)
+            loss = backbone.loss(net, x0, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -71,9 +71,9 @@ def test_design_set_metrics_look_up_by_index() -> None:
 
 
 def test_bootstrap_ci_brackets_the_mean() -> None:
-    mean, lo, hi = oo.bootstrap_ci(np.array([0.1, 0.2, 0.6]))
-    assert mean == pytest.approx(0.3) and 0.1 <= lo < mean < hi <= 0.6
-    assert oo.bootstrap_ci(np.array([0.2, 0.2, 0.2]))[1:] == pytest.approx((0.2, 0.2))
+    lo, hi = oo.bootstrap_ci(np.array([0.1, 0.2, 0.6]))  # the library's (braid_ray.eval.stats)
+    assert 0.1 <= lo < 0.3 < hi <= 0.6
+    assert oo.bootstrap_ci(np.array([0.2, 0.2, 0.2])) == pytest.approx((0.2, 0.2))
 
 
 def test_paired_differences_and_summary() -> None:

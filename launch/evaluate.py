@@ -2,11 +2,13 @@
 
     python launch/evaluate.py run.dir=runs/tfbind8                 # after launch/finetune.py (reuses its stages)
     python launch/evaluate.py --config configs/utr_mrl.yaml eval.n_samples=2000
+    python launch/evaluate.py run.dir=runs/tfbind8 "baselines.methods=[ddom,guidance,cfg]"   # the paper's baselines
 
 Runs (or reuses) every earlier stage, then writes eval/report.md, samples.parquet, metrics.json,
 designs.fasta and the plots. The oracle never enters a loss: it scores the designs here, and during training only
 watches when asked (`finetune.monitor_queries`, counted in each run's history; the image loop logs the
-aesthetic oracle's score of every step's training images, for the r_hat-against-oracle curve).
+aesthetic oracle's score of every step's training images, for the r_hat-against-oracle curve). The baselines'
+knobs are chosen with 64 counted oracle queries per setting on designs drawn apart from the evaluated ones.
 """
 
 from __future__ import annotations

@@ -28,11 +28,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from braid_ray.baselines.grad import gradient_ascent
-from braid_ray.baselines.rows import Context, baseline_rows, describe, knob_json
+from braid_ray.baselines.rows import Context, baseline_rows, describe, grid, knob_json
 from braid_ray.config import Config
 from braid_ray.data.tables import Labelled
 from braid_ray.diffusion.likelihood import ELBO_T_SAMPLES, elbo, unsupported
-from braid_ray.diffusion.likelihood import describe as describe_elbo  # noqa: I001
+from braid_ray.diffusion.likelihood import describe as describe_elbo
 from braid_ray.diffusion.pretrain import build_backbone
 from braid_ray.diffusion.sampler import FineTunedPolicy, rollout
 from braid_ray.eval import (COLUMNS, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS, PER_DESIGN, ValidityRule,
@@ -71,9 +71,7 @@ def selection_seed(seed: int) -> int:
 
 def baseline_queries(cfg: Config) -> int:
     """The oracle queries the baselines' settings cost: SELECTION_QUERIES per setting of each one's grid."""
-    b = cfg.baselines
-    per = {"conditional": len(b.condition_quantiles) * len(b.cfg_weights), "guidance": len(b.guidance_scales)}
-    return SELECTION_QUERIES * sum(per[BASELINES[m].kind] for m in b.methods)
+    return SELECTION_QUERIES * sum(len(grid(cfg, BASELINES[m].kind)) for m in cfg.baselines.methods)
 
 
 @torch.no_grad()

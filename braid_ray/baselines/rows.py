@@ -74,6 +74,15 @@ class Context:
     off_y: np.ndarray  # D_off's measured y (N_off,): what the condition quantiles are quantiles of
 
 
+def grid(cfg: Config, kind: str) -> list[Setting]:
+    """The settings a baseline of ``kind`` chooses from: condition quantile x CFG weight, or the guidance scales."""
+    b = cfg.baselines
+    if kind == "conditional":
+        return [{"condition_quantile": q, "cfg_weight": w}
+                for q, w in itertools.product(b.condition_quantiles, b.cfg_weights)]
+    return [{"guidance_scale": s} for s in b.guidance_scales]
+
+
 def conditional_sampler(ctx: Context, name: str) -> Sampler:
     """DDOM / CFG: the conditional model of stage ``baselines/<name>`` with classifier-free guidance, over the grid
     condition quantile x CFG weight; the target is that quantile of y over D_off, standardised as in training."""
@@ -89,11 +98,9 @@ def conditional_sampler(ctx: Context, name: str) -> Sampler:
         z = (targets[setting["condition_quantile"]] - labels["mean"]) / labels["std"]
         return designs(backbone, CFGDenoiser(model, z, setting["cfg_weight"]), n, cfg.eval.batch_size, seed)
 
-    grid = [{"condition_quantile": q, "cfg_weight": w}
-            for q, w in itertools.product(cfg.baselines.condition_quantiles, cfg.baselines.cfg_weights)]
     info = {"trained_on": BASELINES[name].data, **{k: labels[k] for k in ("rows", "labelled", "reweight")},
             "condition_y": {f"{q:g}": y for q, y in targets.items()}}
-    return Sampler(grid, draw, info)
+    return Sampler(grid(cfg, "conditional"), draw, info)
 
 
 def guidance_sampler(ctx: Context, name: str) -> Sampler:
@@ -105,7 +112,7 @@ def guidance_sampler(ctx: Context, name: str) -> Sampler:
         return designs(ctx.backbone, ctx.pretrained, n, cfg.eval.batch_size, seed, reward_fn,
                        setting["guidance_scale"])
 
-    return Sampler([{"guidance_scale": s} for s in cfg.baselines.guidance_scales], draw,
+    return Sampler(grid(cfg, "guidance"), draw,
                    {"trained_on": BASELINES[name].data, "penalty": penalty})
 
 

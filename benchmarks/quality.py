@@ -32,14 +32,14 @@ from braid_ray import pipeline
 from braid_ray.config import load_config
 from braid_ray.eval.stats import bootstrap_ci
 from braid_ray.evaluate import SELECTION_QUERIES
-from braid_ray.methods import METHODS
+from braid_ray.methods import BASELINES, METHODS
 from braid_ray.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality_v2"
 PRESETS = {name: ROOT / "configs" / f"{name}.yaml"
            for name in ("tfbind8", "utr_mrl", "tfbind8_masked", "utr_mrl_masked")}
-UPSTREAM = ("data", "oracle", "reward", "pretrain")
+UPSTREAM = ("data", "oracle", "reward", "pretrain", "baselines")  # baselines: DDOM's and CFG's conditional models
 LABELS = {name: m.label for name, m in METHODS.items()}
 
 log = logging.getLogger("quality")
@@ -65,7 +65,7 @@ def _alpha_dir(seed_dir: Path, upstream: Path, alpha: float, variant: str) -> Pa
     """A run directory for one alpha, starting from a copy of the seed's upstream stages (reused, not retrained)."""
     run = seed_dir / (f"alpha{alpha:g}-{variant}" if variant else f"alpha{alpha:g}")
     for stage in UPSTREAM:
-        if not (run / stage).exists():
+        if (upstream / stage).exists() and not (run / stage).exists():
             shutil.copytree(upstream / stage, run / stage, ignore=shutil.ignore_patterns("ray"))
     return run
 
@@ -84,9 +84,10 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
     pipeline.run(base, stages=UPSTREAM)
     up = RunDir(base.run.dir)
     fingerprints = {s: up.stage(s).read_json("stage.json")["fingerprint"] for s in ("reward", "pretrain")}
+    steering = [BASELINES[m].label for m in base.baselines.methods]  # rows that do not depend on alpha either
     for alpha in alphas:
         todo = [m for m in methods if (seed, alpha, LABELS[m]) not in done]
-        if not todo:
+        if not todo and all((seed, None, label) in done for label in steering):
             continue
         run = _alpha_dir(seed_dir, seed_dir / "upstream", alpha, variant)
         cfg = dataclasses.replace(base, run=dataclasses.replace(base.run, dir=str(run)),
@@ -96,11 +97,15 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
         common = {"task": name, "seed": seed, "fingerprints": fingerprints, "best_offline": metrics["best_offline"],
                   "config": {k: v for k, v in cfg.section("finetune")["finetune"].items() if k != "methods"}}
-        if (seed, None, "Pretrained") not in done:  # the design sets that do not depend on alpha
-            fixed = {n: m for n, m in metrics["methods"].items() if n not in LABELS.values()}
-            for name, m in {**fixed, **metrics["references"]}.items():
-                _append(out, {**common, "alpha": None, "method": name, **_scalars(m)})
-            done |= {(seed, None, name) for name in {**fixed, **metrics["references"]}}
+        # The design sets that do not depend on alpha (Pretrained, the baselines, the references), once per seed.
+        fixed = {n: m for n, m in {**metrics["methods"], **metrics["references"]}.items() if n not in LABELS.values()}
+        for label, m in fixed.items():
+            if (seed, None, label) in done:
+                continue
+            knobs = metrics.get("baselines", {}).get(label)
+            setting = {"setting": knobs["chosen"], "setting_queries": knobs["queries"]} if knobs else {}
+            _append(out, {**common, "alpha": None, "method": label, **_scalars(m), **setting})
+            done.add((seed, None, label))
         for method in todo:
             summary = json.loads((run / "finetune" / method / "summary.json").read_text())
             _append(out, {**common, "alpha": alpha, "method": LABELS[method],
@@ -239,7 +244,8 @@ def main() -> None:
     r.add_argument("--task", choices=sorted(PRESETS), default="tfbind8")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     r.add_argument("--alphas", type=float, nargs="+", default=[0.003, 0.03, 0.3])
-    r.add_argument("--methods", nargs="+", default=["strl", "braid_boot"])
+    r.add_argument("--methods", nargs="*", default=["strl", "braid_boot"],
+                   help="fine-tuned methods; none (with --set baselines.methods=[...]) adds only the baselines' rows")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--set", nargs="*", default=[], dest="overrides", help="config key=value overrides for every run")
     r.add_argument("--variant", default="", help="a name for these overrides: rows go to <task>-<variant>.jsonl")

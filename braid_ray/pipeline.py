@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from braid_ray.images.stages import ImageRunners
     from braid_ray.sweep.spec import Sweep
 
-ALL_STAGES = ("data", "oracle", "reward", "pretrain", "finetune", "eval")
+ALL_STAGES = ("data", "oracle", "reward", "pretrain", "finetune", "baselines", "eval")
 UPSTREAM = ("data", "oracle", "reward", "pretrain")  # what every fine-tuning run of a task reads
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,12 @@ def _run_sequences(cfg: Config, run_dir: RunDir, stages: tuple[str, ...]) -> dic
         upstream = run_dir.fingerprints(["reward", "pretrain"])
         for method in cfg.finetune.methods:
             finetune_stage(cfg, run_dir, data, method, upstream, finetune_runner(cfg, run_dir))
+    if "baselines" in stages or "eval" in stages:  # the conditional models DDOM and CFG sample from
+        for name in conditional_baselines(cfg):
+            conditional_stage(cfg, run_dir, data, name)
     if "eval" in stages:
         from braid_ray.evaluate import evaluate_stage
         from braid_ray.eval import to_markdown
-
-        for name in conditional_baselines(cfg):
-            conditional_stage(cfg, run_dir, data, name)
 
         summary["eval"] = to_markdown(evaluate_stage(cfg, run_dir, data, oracle, cfg.finetune.methods))
     return summary
@@ -172,9 +172,9 @@ def check(cfg: Config) -> str:
              f"{r.num_workers} Ray Train workers x {r.cpus_per_worker:g} CPU" + (" + 1 GPU" if r.use_gpu else "")
              + (" (autoscaling cluster)" if r.autoscaling else ""))
     lines.append(f"resources   {where}")
-    names = [f"finetune/{m}" if name == "finetune" else name for name in ALL_STAGES
-             for m in (cfg.finetune.methods if name == "finetune" else [None])]
-    names[-1:-1] = [f"baselines/{m}" for m in conditional_baselines(cfg)]  # trained before the evaluation
+    per_method = {"finetune": cfg.finetune.methods, "baselines": conditional_baselines(cfg)}
+    names = [f"{name}/{m}" if name in per_method else name for name in ALL_STAGES
+             for m in per_method.get(name, [None])]
     by_state: dict[str, list[str]] = {}
     for name in names:
         by_state.setdefault(_stage_state(run_dir.stage(name)), []).append(name)

@@ -27,7 +27,7 @@ from braid_ray.diffusion.pretrain import build_backbone, build_denoiser
 from braid_ray.diffusion.sampler import FineTunedPolicy
 from braid_ray.evaluate import SELECTION_QUERIES, baseline_queries, sample_codes, selection_seed
 from braid_ray.finetune.run import load_pretrained, load_reward
-from braid_ray.methods import BASELINES
+from braid_ray.methods import BASELINES, METHODS
 from tests.tiny import LENGTH, tiny_config
 
 LABELS = [b.label for b in BASELINES.values()]
@@ -274,3 +274,18 @@ def test_the_pipeline_reports_every_baseline_on_the_masked_backbone(tmp_path: Pa
     assert metrics["baselines"]["Offline Guidance"]["penalty"] == "min"
     labels = json.loads((run / "baselines" / "ddom" / "labels.json").read_text())
     assert labels["data"] == "d_off" and all(math.isfinite(x) for x in labels["epoch_loss"])
+
+
+def test_the_baselines_stage_trains_the_conditional_models_and_an_evaluation_needs_no_fine_tuning(
+        tmp_path: Path) -> None:
+    """Stage "baselines" trains DDOM's and CFG's models with the upstream stages (as benchmarks/quality.py runs them,
+    once per seed); an evaluation with no fine-tuned method still reports Pretrained and every baseline."""
+    run = tmp_path / "run"
+    cfg = tiny_config(f"run.dir={run}", *GRIDS, "finetune.methods=[]")
+    pipeline.run(cfg, stages=pipeline.UPSTREAM + ("baselines",))
+    assert {p.name for p in (run / "baselines").iterdir()} == {"ddom", "cfg"} and not (run / "finetune").exists()
+    assert not (run / "eval").exists()
+    pipeline.run(cfg)
+    metrics = _check_rows(run, cfg)
+    assert {"Pretrained", *LABELS} <= set(metrics["methods"])
+    assert not set(metrics["methods"]) & {m.label for m in METHODS.values()}  # nothing fine-tuned

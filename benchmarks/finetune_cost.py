@@ -14,9 +14,14 @@
    threshold large tensors are unmapped when freed and the peak RSS tracks the live tensors.
 
     .venv/bin/python benchmarks/finetune_cost.py            # both parts; writes results/finetune_cost.json
+    .venv/bin/python benchmarks/finetune_cost.py --backbones    # part 3; writes results/backbone_step.json
 
-The denoiser and reward are the TFBind8 defaults (configs/tfbind8.yaml), untrained: cost does not depend on
-the weights.
+3. The two backbones side by side (issue 15): one whole fine-tuning step of each sequence preset (tfbind8,
+   utr_mrl and their masked twins, each at its own T and K: the Gaussian presets backpropagate through K = 20 of
+   50 steps, the masked ones through all 50) at the same batch, threads and load, one after the other.
+
+The denoiser and reward are each preset's (configs/<preset>.yaml; parts 1 and 2: tfbind8), untrained: cost does
+not depend on the weights.
 """
 
 from __future__ import annotations
@@ -44,14 +49,19 @@ from braid_ray.reward.stacked import StackedNet
 ROOT = Path(__file__).resolve().parents[1]
 
 LENGTH = 8  # TFBind8
+PRESETS = {"tfbind8": 8, "tfbind8_masked": 8, "utr_mrl": 50, "utr_mrl_masked": 50}  # preset: sequence length
 
 
-def build(steps: int, k: int, batch: int, penalty: str = "bonus") -> FineTuner:
-    cfg = load_config(ROOT / "configs" / "tfbind8.yaml", [f"diffusion.steps={steps}", f"finetune.k={k}"])
+def build(steps: int | None, k: int | None, batch: int, penalty: str = "bonus", preset: str = "tfbind8") -> FineTuner:
+    """A FineTuner of ``preset``'s models (untrained), at T = ``steps`` and K = ``k`` (None: the preset's)."""
+    length = PRESETS[preset]
+    overrides = [f"diffusion.steps={steps}"] * (steps is not None) + [f"finetune.k={k}"] * (k is not None)
+    cfg = load_config(ROOT / "configs" / f"{preset}.yaml", overrides)
+    k = cfg.finetune.k
     torch.manual_seed(0)
-    backbone = build_backbone(cfg.diffusion, LENGTH, cfg.finetune.temperature)
-    policy = FineTunedPolicy(backbone, build_denoiser(cfg.diffusion, LENGTH), cfg.finetune.parameterization)
-    net = StackedNet(stack_spec(cfg.reward, LENGTH), list(range(cfg.reward.members)), seed=0)
+    backbone = build_backbone(cfg.diffusion, length, cfg.finetune.temperature, cfg.finetune.straight_through)
+    policy = FineTunedPolicy(backbone, build_denoiser(cfg.diffusion, length), cfg.finetune.parameterization)
+    net = StackedNet(stack_spec(cfg.reward, length), list(range(cfg.reward.members)), seed=0)
     m, d = cfg.reward.members, cfg.reward.hidden
     eye = torch.eye(d).expand(m, d, d).contiguous()
     reward = ConservativeReward(net, RewardStats(0.0, 1.0, 1.0, 1.0, 1.0), torch.zeros(m, d), eye, eye, penalty)
@@ -99,6 +109,19 @@ def step_time(steps: int, k: int, batch: int, repeats: int) -> dict:
             "correction_fwd_bwd_s": corr_fb, "floor_s": floor, "step_s": step, "ratio": step / floor}
 
 
+def backbone_steps(batch: int, repeats: int) -> list[dict]:
+    """Part 3: the median seconds of one fine-tuning step of each sequence preset, same batch, same process."""
+    rows = []
+    for preset in PRESETS:
+        tuner = build(None, None, batch, preset=preset)
+        cfg = load_config(ROOT / "configs" / f"{preset}.yaml")
+        rows.append({"preset": preset, "backbone": cfg.diffusion.backbone, "length": PRESETS[preset],
+                     "T": cfg.diffusion.steps, "K": cfg.finetune.k, "batch": batch,
+                     "step_s": _median_seconds(tuner.train_step, repeats)})
+        print(f"{preset}: {rows[-1]['step_s']:.2f} s per step", flush=True)
+    return rows
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -122,6 +145,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="differentiable steps (default: the config's finetune.k)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--backbones", action="store_true", help="part 3 only: the four sequence presets' step times")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "finetune_cost.json"))
     args = ap.parse_args()
@@ -129,6 +153,17 @@ def main() -> None:
     k = args.k or load_config(ROOT / "configs" / "tfbind8.yaml").finetune.k
     if args.memory_child is not None:
         print(json.dumps(peak_memory(args.memory_child, k, args.memory_batch)))
+        return
+    if args.backbones:
+        rows = backbone_steps(args.batch, args.repeats)
+        out = ROOT / "benchmarks" / "results" / "backbone_step.json"
+        out.write_text(json.dumps({"machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch "
+                                              f"{torch.__version__}", "command": "python " + " ".join(sys.argv),
+                                   "rows": rows}, indent=2))
+        print("\n| preset | backbone | length | T | K | batch | step (s) |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['preset']} | {r['backbone']} | {r['length']} | {r['T']} | {r['K']} | {r['batch']} | "
+                  f"{r['step_s']:.2f} |")
         return
 
     timing = [step_time(t, k, args.batch, args.repeats) for t in (50, 100)]

@@ -196,44 +196,83 @@ def report(df: pd.DataFrame) -> str:
                     lines += [f"| each at its selected alpha | {d.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] | {len(d)} | "
                               f"{int((d > 0).sum())} |", "", f"Selected alphas by seed ({method} vs STRL, each by "
                               f"its own {SELECTION_QUERIES}-query oracle budget on separate designs): {picks}."]
+        lines += _baselines_section(t)
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(df: pd.DataFrame, path: Path) -> Path:
-    """Frontiers: oracle median (all and valid designs) against the whole path's KL, one line per method."""
-    from matplotlib.figure import Figure
+def _baselines_section(t: pd.DataFrame) -> list[str]:
+    """The steering baselines (no alpha) against each fine-tuned method at its selected alpha, paired by seed, and
+    the setting each baseline's own oracle budget chose per seed."""
+    steering = [b.label for b in BASELINES.values() if b.label in set(t["method"])]
+    if not steering:
+        return []
+    lines = ["", "Steering baselines minus each fine-tuned method at its selected alpha, oracle median over all designs, "
+             "paired by seed:", "", "| baseline | minus | mean difference | 95% CI | seeds | baseline ahead in |",
+             "|---|---|---|---|---|---|"]
+    chosen = at_selected_alpha(t, "median")
+    for label in steering:
+        a = t[t["method"] == label].set_index("seed")["median"]
+        for method in [m for m in LABELS.values() if m in set(chosen["method"])]:
+            d = (a - chosen[chosen["method"] == method].set_index("seed")["median"]).dropna()
+            if len(d):
+                lo, hi = bootstrap_ci(d.to_numpy(), min_values=2)
+                lines.append(f"| {label} | {method} | {d.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] | {len(d)} | "
+                             f"{int((d > 0).sum())} |")
+    if "setting" in t.columns:
+        lines += ["", "Settings chosen by each baseline's own oracle budget (seed: setting, oracle queries spent):", ""]
+        for label in steering:
+            rows = t[(t["method"] == label) & t["setting"].notna()].sort_values("seed")
+            picks = "; ".join(f"{r.seed}: " + ", ".join(f"{k} {v:g}" for k, v in r.setting.items())
+                              + f" ({int(r.setting_queries)})" for r in rows.itertuples())
+            lines.append(f"- {label}: {picks or '-'}")
+    return lines
 
+
+def plot(df: pd.DataFrame, path: Path) -> Path:
+    """Frontiers, one row per task: oracle median (all designs; invalid ones failing) against the whole path's KL,
+    one line per fine-tuned method over alpha; the rows without a KL (Pretrained, Grad., the steering baselines,
+    the best offline design) as horizontal lines."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     tasks = sorted(df["task"].unique())
-    fig = Figure(figsize=(6 * len(tasks) * 2, 4.5))
-    axes = fig.subplots(1, 2 * len(tasks), squeeze=False)
-    for col, task in enumerate(tasks):
+    fig = Figure(figsize=(13, 3.8 * len(tasks)))
+    axes = fig.subplots(len(tasks), 2, squeeze=False)
+    flat = {"Pretrained": ("grey", ":"), "Grad. (r_hat)": ("grey", "-."),
+            **{b.label: (c, "--") for b, c in zip(BASELINES.values(), ("tab:purple", "tab:brown", "tab:olive"))}}
+    for row, task in enumerate(tasks):
         t = df[df["task"] == task]
-        for j, (key, title) in enumerate((("median", "all designs"),
-                                          ("median_penalized", "invalid = worst offline y"))):
-            ax = axes[0, 2 * col + j]
+        for j, (key, title) in enumerate((("median", "all designs"), ("median_penalized", "invalid = worst offline"))):
+            ax = axes[row, j]
             if key not in t.columns:
+                ax.set_visible(False)
                 continue
             for method, g in t[t["alpha"].notna()].groupby("method", sort=False):
                 s = g.groupby("alpha").agg(kl=("ft_kl", "mean"), y=(key, "mean"), lo=(key, "min"), hi=(key, "max"))
                 ax.errorbar(s["kl"], s["y"], yerr=[s["y"] - s["lo"], s["hi"] - s["y"]], marker="o", capsize=3,
                             label=method)
                 for alpha, r in s.iterrows():
-                    ax.annotate(f"{alpha:g}", (r["kl"], r["y"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-            for name, style in (("Pretrained", ":"), ("Grad. (r_hat)", "-.")):
+                    ax.annotate(f"{alpha:g}", (r["kl"], r["y"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            for name, (color, style) in flat.items():
                 ref = t[t["method"] == name]
-                if not ref.empty and key in ref:
-                    ax.axhline(ref[key].mean(), color="grey", linestyle=style, label=name)
+                if not ref.empty and ref[key].notna().any():
+                    ax.axhline(ref[key].mean(), color=color, linestyle=style, label=name)
             ax.axhline(t["best_offline"].mean(), color="crimson", linestyle="--", label="best offline design")
             ax.set_xscale("log")
-            ax.set_xlabel("whole-path KL to the pretrained model (nats); labels: alpha")
-            ax.set_ylabel(f"oracle median, {title}")
-            ax.set_title(f"{task}: {title} (bars: range over seeds)")
+            ax.xaxis.set_major_formatter(plain)
+            lo, hi = ax.get_xlim()
+            ax.xaxis.set_minor_formatter(plain if hi / lo < 20 else NullFormatter())  # label minors within a decade
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+            ax.set_xlabel("whole-path KL to the pretrained model (nats); point labels: alpha")
+            ax.set_ylabel("oracle median")
+            ax.set_title(f"{task}, {title} ({t['seed'].nunique()} seeds; bars: range over seeds)", fontsize=10)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, frameon=False)
+        axes[row, 1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     return path
 
 

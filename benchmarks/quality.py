@@ -71,11 +71,11 @@ def _alpha_dir(seed_dir: Path, upstream: Path, alpha: float, variant: str) -> Pa
 
 
 def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], overrides: list[str],
-             variant: str = "") -> None:
+             variant: str = "", runs: Path = ROOT / "runs" / "bench2") -> None:
     """One seed's upstream stages, then each alpha's fine-tuning and evaluation. A ``variant`` (e.g. "K50" with
     --set finetune.k=50) writes its rows to <task>-<variant>.jsonl under the task name <task>-<variant>, beside the
     preset's own rows, and reuses the seed's upstream stages."""
-    seed_dir = ROOT / "runs" / "bench2" / task / f"seed{seed}"
+    seed_dir = runs / task / f"seed{seed}"
     base = load_config(PRESETS[task], [f"run.dir={seed_dir / 'upstream'}", f"run.seed={seed}", "ray.num_workers=0",
                                        "tracking.progress=lines", *overrides])
     name = f"{task}-{variant}" if variant else task
@@ -287,6 +287,8 @@ def main() -> None:
                    help="fine-tuned methods; none (with --set baselines.methods=[...]) adds only the baselines' rows")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--set", nargs="*", default=[], dest="overrides", help="config key=value overrides for every run")
+    r.add_argument("--runs", default=str(ROOT / "runs" / "bench2"),
+                   help="where the run directories live (a later run with the same --runs resumes their stages)")
     r.add_argument("--variant", default="", help="a name for these overrides: rows go to <task>-<variant>.jsonl")
     sub.add_parser("report")
     args = ap.parse_args()
@@ -295,7 +297,7 @@ def main() -> None:
     if args.cmd == "run":
         torch.set_num_threads(args.threads)
         for seed in args.seeds:
-            run_seed(args.task, seed, args.alphas, args.methods, args.overrides, args.variant)
+            run_seed(args.task, seed, args.alphas, args.methods, args.overrides, args.variant, Path(args.runs))
         return
     rows = [json.loads(line) for p in sorted(RESULTS.glob("*.jsonl")) for line in p.read_text().splitlines()]
     if not rows:

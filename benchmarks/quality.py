@@ -57,6 +57,21 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _check_reproduced(path: Path, seed: int, label: str, metrics: dict) -> None:
+    """A seed's rows are paired across runs only if its upstream stages are the same models: a re-run that retrained
+    them must reproduce the stored alpha-free rows (Pretrained, Grad.) exactly; say so either way."""
+    if label not in ("Pretrained", "Grad. (r_hat)"):
+        return
+    stored = [r for r in map(json.loads, path.read_text().splitlines())
+              if r["seed"] == seed and r["alpha"] is None and r["method"] == label]
+    if stored and stored[0]["median"] != metrics["median"]:
+        log.warning("seed %d: %s's median is %.6f now and %.6f in %s: the upstream models differ from the stored "
+                    "rows', so new rows are not paired with them", seed, label, metrics["median"], stored[0]["median"],
+                    path.name)
+    elif stored:
+        log.info("seed %d: %s reproduces its stored row (median %.6f)", seed, label, metrics["median"])
+
+
 def _scalars(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -101,6 +116,7 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
         fixed = {n: m for n, m in {**metrics["methods"], **metrics["references"]}.items() if n not in LABELS.values()}
         for label, m in fixed.items():
             if (seed, None, label) in done:
+                _check_reproduced(out, seed, label, m)
                 continue
             knobs = metrics.get("baselines", {}).get(label)
             setting = {"setting": knobs["chosen"], "setting_queries": knobs["queries"]} if knobs else {}

@@ -177,7 +177,8 @@ def report(df: pd.DataFrame) -> str:
             ("median_penalized", "oracle median, invalid designs scored as the worst offline"),
             ("valid_share", "valid share"), ("kmer_pearson", "3-mer r vs D's top 0.1%"),
             ("ft_kl", "whole-path KL (nats)"), ("ft_alpha_kl_z", "alpha * KL (z)"),
-            ("ft_reward_gain_z", "reward gain (z)"), ("diversity", "diversity (mean pairwise Hamming)"),
+            ("ft_reward_gain_z", "reward gain (z)"), ("elbo", "ELBO under the pretrained model (nats)"),
+            ("diversity", "diversity (mean pairwise Hamming)"),
             ("distinct", "distinct designs")]
     for task, t in df.groupby("task"):
         seeds = sorted(t["seed"].unique())

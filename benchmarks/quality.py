@@ -224,9 +224,7 @@ def _baselines_section(t: pd.DataFrame) -> list[str]:
     steering = [b.label for b in BASELINES.values() if b.label in set(t["method"])]
     if not steering:
         return []
-    lines = ["", "Steering baselines minus each fine-tuned method at its selected alpha, oracle median over all designs, "
-             "paired by seed:", "", "| baseline | minus | mean difference | 95% CI | seeds | baseline ahead in |",
-             "|---|---|---|---|---|---|"]
+    table = []
     chosen = at_selected_alpha(t, "median")
     for label in steering:
         a = t[t["method"] == label].set_index("seed")["median"]
@@ -234,8 +232,13 @@ def _baselines_section(t: pd.DataFrame) -> list[str]:
             d = (a - chosen[chosen["method"] == method].set_index("seed")["median"]).dropna()
             if len(d):
                 lo, hi = bootstrap_ci(d.to_numpy(), min_values=2)
-                lines.append(f"| {label} | {method} | {d.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] | {len(d)} | "
+                table.append(f"| {label} | {method} | {d.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] | {len(d)} | "
                              f"{int((d > 0).sum())} |")
+    lines = ["", "Steering baselines minus each fine-tuned method at its selected alpha, oracle median over all designs, "
+             "paired by seed:", "", "| baseline | minus | mean difference | 95% CI | seeds | baseline ahead in |",
+             "|---|---|---|---|---|---|", *table] if table else [
+        "", "No fine-tuned row of these seeds carries a selection score, so the steering baselines are not paired "
+        "with a selected alpha here."]
     if "setting" in t.columns:
         lines += ["", "Settings chosen by each baseline's own oracle budget (seed: setting, oracle queries spent):", ""]
         for label in steering:

@@ -309,7 +309,8 @@ def describe(backbone: GaussianOneHotDiffusion | MaskedDiffusion) -> str:
     """What the ELBO of ``backbone`` is, in one sentence for a report."""
     if isinstance(backbone, MaskedDiffusion):
         return ("the variational lower bound of the masked T-step sampler on log p(sequence) under the pretrained "
-                f"model (braid_ray/diffusion/likelihood.py; per sequence {ELBO_T_SAMPLES} stratified steps)")
+                f"model (braid_ray/diffusion/likelihood.py; per sequence {ELBO_T_SAMPLES} stratified steps, the same draws "
+                "for every sequence, so differences between designs are sharper than the level)")
     return ("DDPM's variational lower bound on log p(sequence) under the pretrained model, with a categorical "
             f"decoder (braid_ray/diffusion/likelihood.py; per sequence the steps t = 1 and T and {ELBO_T_SAMPLES} "
             "sampled steps, the same draws for every sequence, so differences between designs are sharper than "

@@ -1,0 +1,66 @@
+"""The report of benchmarks/quality.py: pairing by seed, the alpha each method's own oracle budget selects, and the
+steering baselines against the fine-tuned methods at that alpha."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(_spec)
+sys.modules["quality"] = quality
+_spec.loader.exec_module(quality)
+
+
+def _rows(selection: bool = True) -> pd.DataFrame:
+    """Two seeds; STRL and BRAID-Boot at two alphas; DDOM without an alpha. On seed 0 the budget picks alpha 0.1
+    for both methods although 0.01 has the higher (evaluated) median, so a report that picked by the median
+    would differ."""
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        for method, base in (("STRL", 0.5), ("BRAID-Boot", 0.6)):
+            for alpha, median, score in ((0.01, 0.9, 0.2), (0.1, base, 0.3 if seed == 0 else 0.1)):
+                rows.append({"task": "toy", "seed": seed, "method": method, "alpha": alpha, "median": median + shift,
+                             "best_offline": 0.4, **({"selection_score": score} if selection else {})})
+        rows.append({"task": "toy", "seed": seed, "method": "DDOM", "alpha": None, "median": 0.72 + shift,
+                     "best_offline": 0.4, "setting": {"cfg_weight": 3.0}, "setting_queries": 512})
+    return pd.DataFrame(rows)
+
+
+def test_the_selected_alpha_is_the_highest_selection_score_not_the_highest_median() -> None:
+    chosen = quality.at_selected_alpha(_rows(), "median").set_index(["seed", "method"])
+    assert chosen.loc[(0, "STRL"), "alpha"] == 0.1 and chosen.loc[(0, "STRL"), "median"] == pytest.approx(0.5)
+    assert chosen.loc[(1, "BRAID-Boot"), "alpha"] == 0.01 and chosen.loc[(1, "BRAID-Boot"), "median"] == 1.0
+    assert quality.at_selected_alpha(_rows(selection=False), "median").empty
+
+
+def test_braid_minus_strl_is_paired_by_seed_per_alpha() -> None:
+    p = quality.paired(_rows(), "median", "BRAID-Boot").set_index("alpha")
+    assert p.loc[0.1, "mean"] == pytest.approx(0.1) and p.loc[0.1, "seeds"] == 2 and p.loc[0.1, "wins"] == 2
+    assert p.loc[0.01, "mean"] == pytest.approx(0.0) and p.loc[0.01, "wins"] == 0
+
+
+def test_the_baselines_are_paired_with_each_method_at_its_selected_alpha() -> None:
+    text = "\n".join(quality._baselines_section(_rows()))
+    # DDOM minus STRL: seed 0 0.72 - 0.5 (alpha 0.1), seed 1 0.82 - 1.0 (alpha 0.01): mean +0.02, ahead in 1.
+    assert "| DDOM | STRL | +0.020 |" in text and text.split("| DDOM | STRL |")[1].split("\n")[0].endswith("| 2 | 1 |")
+    # DDOM minus BRAID-Boot: 0.72 - 0.6 and 0.82 - 1.0: mean -0.03.
+    assert "| DDOM | BRAID-Boot | -0.030 |" in text
+    assert "- DDOM: 0: cfg_weight 3 (512); 1: cfg_weight 3 (512)" in text
+
+
+def test_without_selection_scores_the_report_says_so_instead_of_an_empty_table() -> None:
+    text = "\n".join(quality._baselines_section(_rows(selection=False)))
+    assert "carries a selection score" in text and "| DDOM |" not in text
+
+
+def test_the_report_has_a_section_per_task_with_every_row() -> None:
+    text = quality.report(_rows())
+    assert text.startswith("### toy (2 seeds: 0, 1;")
+    assert "| STRL | 0.1 | 0.550 [0.500, 0.600] |" in text
+    assert "| each at its selected alpha | +0.050 |" in text  # seed 0: 0.6 - 0.5; seed 1: 1.0 - 1.0

@@ -64,3 +64,17 @@ def test_the_report_has_a_section_per_task_with_every_row() -> None:
     assert text.startswith("### toy (2 seeds: 0, 1;")
     assert "| STRL | 0.1 | 0.550 [0.500, 0.600] |" in text
     assert "| each at its selected alpha | +0.050 |" in text  # seed 0: 0.6 - 0.5; seed 1: 1.0 - 1.0
+
+
+def test_the_backbones_are_compared_per_method_at_the_selected_alpha_and_paired_by_seed() -> None:
+    gauss = _rows()
+    masked = _rows().assign(task="toy_masked", median=lambda d: d["median"] + 0.05)
+    masked.loc[(masked["seed"] == 1) & (masked["method"] == "STRL") & (masked["alpha"] == 0.1), "selection_score"] = 0.9
+    text = quality.backbones(pd.concat([gauss, masked], ignore_index=True))
+    assert text.startswith("### toy: the Gaussian one-hot backbone against the masked one (seeds 0, 1;")
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 0.1/0.01 |" in rows[("STRL", "Gaussian")] and "| 0.1/0.1 |" in rows[("STRL", "masked")]
+    # STRL masked minus Gaussian: seed 0 0.55 - 0.5, seed 1 (alpha 0.1 now) 0.65 - 1.0: mean -0.15, ahead in 1.
+    assert "| -0.150 [" in rows[("STRL", "masked")] and "(2 seeds, masked ahead in 1)" in rows[("STRL", "masked")]
+    assert "(2 seeds, masked ahead in 2)" in rows[("DDOM", "masked")]
+    assert quality.backbones(gauss) == ""

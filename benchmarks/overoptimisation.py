@@ -5,7 +5,9 @@ scores 0.949 under the exact oracle, so no penalty can beat STRL at the optimum.
 offline data poorer, so that r_hat can extrapolate wrongly, and measures by enumeration whether r_hat - g_hat
 then picks better designs than r_hat. Settings: the quantile q of D_off (``data.quantile``), optionally a
 random subsample of D_off of n rows (the reward is built on the subsample; the oracle table stays complete),
-and the PBM table (``task.path``; the bundled SIX6_REF_R1 by default). Per setting and seed:
+optionally measurement noise on D_off's labels (Gaussian, s standard deviations of D_off's y: the reward and the
+gradient ascent's starts see the noisy labels; the oracle and the best offline design stay exact), and the PBM
+table (``task.path``; the bundled SIX6_REF_R1 by default). Per setting and seed:
 
 - the reward ensemble of the tfbind8 preset (``configs/tfbind8.yaml``: members, architecture, epochs, the
   same in every setting) is trained on D_off through the library (``reward_data``, ``train_in_process``,
@@ -24,7 +26,7 @@ added later. ``report`` writes the paired differences (conservative minus STRL, 
 CI over seeds to ``overoptimisation.md`` and ``overoptimisation.png``.
 
     .venv/bin/python benchmarks/overoptimisation.py run --seeds 0 1 2 \
-        --settings q0.1 q0.2 q0.3 q0.5 q0.5-n5000 q0.5-n1000 [--table PATH_TO_UNIPROBE_8MERS.txt]
+        --settings q0.1 q0.2 q0.3 q0.5 q0.5-n5000 q0.5-n1000 q0.5-n1000-s0.5 [--table PATH_TO_UNIPROBE_8MERS.txt]
     .venv/bin/python benchmarks/overoptimisation.py report
 """
 
@@ -74,23 +76,29 @@ class Setting:
     quantile: float  # D_off = the 8-mers below this quantile of y (data.quantile)
     rows: int | None  # random subsample of D_off the reward is built on; None = all of D_off
     table: str = "SIX6_REF_R1"  # PBM table name (file stem without _8mers)
+    noise: float = 0.0  # label noise on D_off: Gaussian, this many standard deviations of D_off's y; 0 = none
 
     @property
     def name(self) -> str:
-        return f"{self.table} q={self.quantile:g}" + (f" n={self.rows}" if self.rows else "")
+        return (f"{self.table} q={self.quantile:g}" + (f" n={self.rows}" if self.rows else "")
+                + (f" s={self.noise:g}" if self.noise else ""))
 
     @property
     def short(self) -> str:
         rows = "" if not self.rows else f" n={self.rows // 1000}k" if self.rows % 1000 == 0 else f" n={self.rows}"
-        return f"q{self.quantile:g}{rows}"
+        return f"q{self.quantile:g}{rows}" + (f" s={self.noise:g}" if self.noise else "")
 
 
 def parse_setting(text: str, table: str = "SIX6_REF_R1") -> Setting:
-    """``q0.5`` or ``q0.5-n1000`` -> Setting; anything else is a ValueError naming the expected form."""
-    m = re.fullmatch(r"q(0?\.\d+)(?:-n(\d+))?", text)
-    if not m or not 0 < float(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 10):
-        raise ValueError(f"setting {text!r}: expected q<quantile in (0, 1)>[-n<rows >= 10>], e.g. q0.2 or q0.5-n1000")
-    return Setting(float(m.group(1)), int(m.group(2)) if m.group(2) else None, table)
+    """``q0.5``, ``q0.5-n1000`` or ``q0.5-n1000-s0.5`` -> Setting; anything else is a ValueError naming the
+    expected form."""
+    m = re.fullmatch(r"q(0?\.\d+)(?:-n(\d+))?(?:-s(\d*\.?\d+))?", text)
+    if (not m or not 0 < float(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 10)
+            or (m.group(3) is not None and not float(m.group(3)) > 0)):
+        raise ValueError(f"setting {text!r}: expected q<quantile in (0, 1)>[-n<rows >= 10>][-s<label noise > 0, in "
+                         "standard deviations of y>], e.g. q0.2, q0.5-n1000 or q0.5-n1000-s0.5")
+    return Setting(float(m.group(1)), int(m.group(2)) if m.group(2) else None, table,
+                   float(m.group(3)) if m.group(3) else 0.0)
 
 
 def table_name(path: str | None) -> str:
@@ -119,6 +127,14 @@ def subsample(n: int, rows: int | None, seed: int) -> np.ndarray:
     if rows is None or rows >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng([seed, rows, 5]).choice(n, size=rows, replace=False))
+
+
+def noisy_labels(y: np.ndarray, noise: float, seed: int) -> np.ndarray:
+    """y plus seeded Gaussian measurement noise of ``noise`` standard deviations of y (y itself when noise is 0)."""
+    if noise == 0:
+        return y
+    rng = np.random.default_rng([seed, len(y), round(noise * 1000), 7])
+    return y + noise * float(y.std()) * rng.standard_normal(len(y))
 
 
 def all_8mers() -> np.ndarray:
@@ -179,11 +195,13 @@ def config(setting: Setting, seed: int, table: str | None) -> Config:
 
 
 def fit_reward(cfg: Config, codes_off: np.ndarray, y_off: np.ndarray,
-               rows: int | None) -> tuple[ConservativeReward, dict]:
-    """The preset's ensemble on (a subsample of) D_off, cached in the run directory; the reward and its record."""
+               rows: int | None, noise: float = 0.0) -> tuple[ConservativeReward, dict]:
+    """The preset's ensemble on (a subsample of) D_off with the labels given (noisy ones when the setting adds
+    noise), cached in the run directory; the reward and its record."""
     record = {"reward": cfg.section("reward")["reward"], "rows": rows, "n_off": int(len(codes_off)),
               "y_off_sum": round(float(y_off.sum()), 6), "seed": cfg.run.seed}
-    path = Path(cfg.run.dir) / f"reward-{'all' if rows is None else rows}.safetensors"
+    noisy = f"-s{noise:g}" if noise else ""
+    path = Path(cfg.run.dir) / f"reward-{'all' if rows is None else rows}{noisy}.safetensors"
     if path.is_file():
         blob = path.read_bytes()
         extra = checkpoint_extra(blob)
@@ -208,6 +226,7 @@ def run_one(setting: Setting, seed: int, table: str | None, todo: set[tuple], ou
     y = oracle_stage(cfg, run, data).score(all_8mers())
     off = data.splits.off[subsample(data.splits.off.size, setting.rows, seed)]
     codes_off, y_off = data.d.codes[off], data.d.y[off]
+    y_seen = noisy_labels(y_off, setting.noise, seed)  # what the reward and Grad.'s starts see; the oracle stays exact
     in_off = np.zeros(4**8, dtype=bool)
     in_off[base4_index(codes_off)] = True  # the labelled rows the method sees (the subsample, when there is one)
     below_q = np.zeros(4**8, dtype=bool)
@@ -215,11 +234,12 @@ def run_one(setting: Setting, seed: int, table: str | None, todo: set[tuple], ou
     best_offline = float(y_off.max())
 
     start = time.perf_counter()
-    reward, extra = fit_reward(cfg, codes_off, y_off, setting.rows)
+    reward, extra = fit_reward(cfg, codes_off, y_seen, setting.rows, setting.noise)
     members = extra["members"]
     common = {"setting": setting.name, "short": setting.short, "table": setting.table, "quantile": setting.quantile,
-              "rows": setting.rows, "seed": seed, "n_off": int(len(off)), "n_below_q": int(data.splits.off.size),
+              "rows": setting.rows, "noise": setting.noise, "seed": seed, "n_off": int(len(off)), "n_below_q": int(data.splits.off.size),
               "threshold": float(data.splits.threshold), "best_offline_y": best_offline, "oracle_max": float(y.max()),
+              "best_measured_y": float(y_off[np.argmax(y_seen)]),  # the oracle's y of the row measured best
               "reward_train_s": round(float(extra["train_seconds"]), 1),
               "member_epochs": float(np.mean([m["epochs_run"] for m in members])),
               "member_oob_rmse": float(np.mean([m["oob_rmse_std_units"] for m in members]))}
@@ -237,7 +257,7 @@ def run_one(setting: Setting, seed: int, table: str | None, todo: set[tuple], ou
         t0 = time.perf_counter()
         row = {**common, "method": method, "penalty": penalty, "strength": strength}
         if method in (GRAD, GRAD_MIN):
-            start_codes = codes_off[np.argsort(-y_off, kind="stable")[:cfg.eval.n_samples]]
+            start_codes = codes_off[np.argsort(-y_seen, kind="stable")[:cfg.eval.n_samples]]
             designs = gradient_ascent(PenalisedObjective(reward, penalty), start_codes, cfg.eval.grad_steps,
                                       cfg.eval.grad_lr)
             row |= {"kind": "grad", "n_start": int(len(start_codes)),
@@ -298,7 +318,8 @@ def paired(df: pd.DataFrame, metric: str, base: str = STRL) -> pd.DataFrame:
 def setting_order(df: pd.DataFrame) -> list[str]:
     first = df.drop_duplicates("setting").copy()
     first["n"] = first["rows"].fillna(10**9)
-    return first.sort_values(["table", "quantile", "n"], ascending=[True, True, False])["setting"].tolist()
+    first["s"] = first["noise"].fillna(0.0) if "noise" in first else 0.0
+    return first.sort_values(["table", "quantile", "n", "s"], ascending=[True, True, False, True])["setting"].tolist()
 
 
 def diff_summary(p: pd.DataFrame) -> pd.DataFrame:
@@ -355,7 +376,8 @@ def report(df: pd.DataFrame, command: str) -> str:
              "so a single mark is weak evidence); W/T/L = seeds where the method's value is above / equal to / "
              "below STRL's (a W or L "
              "shown as +0.000 / -0.000 is a difference below 0.0005); **+** / **-** = CI entirely above / below 0 "
-             "(marked only with >= 3 seeds). Settings: q = D_off's quantile of y, n = D_off subsampled to n rows.",
+             "(marked only with >= 3 seeds). Settings: q = D_off's quantile of y, n = D_off subsampled to n rows, "
+             "s = Gaussian noise of s standard deviations of y on D_off's labels (the oracle stays exact).",
              ""]
 
     lines += ["### The settings and STRL's optimum", "",

@@ -24,10 +24,30 @@ def test_parse_setting_and_names() -> None:
     assert (s.quantile, s.rows, s.table) == (0.5, 1000, "SIX6_REF_R1")
     assert s.name == "SIX6_REF_R1 q=0.5 n=1000" and s.short == "q0.5 n=1k"
     assert oo.parse_setting("q0.1").rows is None and oo.parse_setting("q.2").quantile == 0.2
-    for bad in ("0.5", "q1.5", "q0.5-n5", "q0.5n100"):
+    noisy = oo.parse_setting("q0.5-n1000-s0.5")
+    assert (noisy.rows, noisy.noise, noisy.name, noisy.short) == (1000, 0.5, "SIX6_REF_R1 q=0.5 n=1000 s=0.5",
+                                                                  "q0.5 n=1k s=0.5")
+    assert oo.parse_setting("q0.2-s1").noise == 1.0 and oo.parse_setting("q0.2").noise == 0.0
+    for bad in ("0.5", "q1.5", "q0.5-n5", "q0.5n100", "q0.5-s0", "q0.5-s-1", "q0.5-s0.5-n100"):
         with pytest.raises(ValueError, match="expected q"):
             oo.parse_setting(bad)
     assert oo.table_name("/data/PBX4_REF_R2_8mers.txt.gz") == "PBX4_REF_R2"
+
+
+def test_label_noise_is_seeded_scaled_by_the_labels_std_and_absent_at_zero() -> None:
+    y = np.random.default_rng(0).normal(2.0, 3.0, size=20_000)
+    assert oo.noisy_labels(y, 0.0, seed=1) is y
+    a, b, c = (oo.noisy_labels(y, 0.5, seed=s) for s in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    noise = a - y
+    assert abs(noise.mean()) < 0.05 and noise.std() == pytest.approx(0.5 * y.std(), rel=0.03)
+
+
+def test_setting_order_puts_noise_after_the_clean_setting() -> None:
+    df = pd.DataFrame({"setting": ["b", "a", "c"], "table": ["T"] * 3, "quantile": [0.5] * 3,
+                       "rows": [1000, 1000, None], "noise": [0.5, 0.0, 0.0]})
+    assert oo.setting_order(df) == ["c", "a", "b"]
 
 
 def test_all_8mers_are_in_base4_order() -> None:

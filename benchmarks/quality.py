@@ -31,7 +31,6 @@ import torch
 from braid_ray import pipeline
 from braid_ray.config import load_config
 from braid_ray.eval.stats import bootstrap_ci
-from braid_ray.evaluate import SELECTION_QUERIES
 from braid_ray.methods import BASELINES, METHODS
 from braid_ray.rundir import RunDir
 
@@ -76,20 +75,36 @@ def _scalars(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _alpha_dir(seed_dir: Path, upstream: Path, alpha: float, variant: str) -> Path:
-    """A run directory for one alpha, starting from a copy of the seed's upstream stages (reused, not retrained)."""
-    run = seed_dir / (f"alpha{alpha:g}-{variant}" if variant else f"alpha{alpha:g}")
+def _run_dir(seed_dir: Path, name: str) -> Path:
+    """A run directory ``seed_dir/name`` that starts from a copy of the seed's upstream stages (reused, not
+    retrained)."""
+    run = seed_dir / name
     for stage in UPSTREAM:
-        if (upstream / stage).exists() and not (run / stage).exists():
-            shutil.copytree(upstream / stage, run / stage, ignore=shutil.ignore_patterns("ray"))
+        _copy_missing(seed_dir / "upstream" / stage, run / stage)
     return run
+
+
+def _copy_missing(src: Path, dst: Path) -> None:
+    """Copy a finished stage folder that ``dst`` lacks; a folder of stages (baselines/<name>) is merged stage by
+    stage, so a baseline trained upstream after a run directory was made is copied there, not retrained."""
+    if not src.exists() or (src / "stage.pending.json").exists():
+        return
+    if not dst.exists():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ray"))
+    elif src.is_dir() and not (src / "stage.json").exists():  # a folder of stages
+        for child in src.iterdir():
+            if child.is_dir():
+                _copy_missing(child, dst / child.name)
 
 
 def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], overrides: list[str],
              variant: str = "", runs: Path = ROOT / "runs" / "bench2") -> None:
-    """One seed's upstream stages, then each alpha's fine-tuning and evaluation. A ``variant`` (e.g. "K50" with
-    --set finetune.k=50) writes its rows to <task>-<variant>.jsonl under the task name <task>-<variant>, beside the
-    preset's own rows, and reuses the seed's upstream stages."""
+    """One seed's upstream stages, then each alpha's fine-tuning and evaluation in a run directory of its own
+    (alpha<a>[-<variant>]; methods added later at an alpha already evaluated get alpha<a>[-<variant>]-<methods>, so
+    a finished evaluation is never re-run or replaced). Without fine-tuned ``methods``, only the steering baselines' rows (they do not depend on
+    alpha): one evaluation in steering-<baselines>.
+    A ``variant`` (e.g. "K50" with --set finetune.k=50) writes its rows to <task>-<variant>.jsonl under the task
+    name <task>-<variant>, beside the preset's own rows, and reuses the seed's upstream stages."""
     seed_dir = runs / task / f"seed{seed}"
     base = load_config(PRESETS[task], [f"run.dir={seed_dir / 'upstream'}", f"run.seed={seed}", "ray.num_workers=0",
                                        "tracking.progress=lines", *overrides])
@@ -100,34 +115,101 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
     up = RunDir(base.run.dir)
     fingerprints = {s: up.stage(s).read_json("stage.json")["fingerprint"] for s in ("reward", "pretrain")}
     steering = [BASELINES[m].label for m in base.baselines.methods]  # rows that do not depend on alpha either
+    if not methods:
+        if not all((seed, None, label) in done for label in steering):
+            folder = "steering-" + "-".join(base.baselines.methods) + (f"-{variant}" if variant else "")
+            _evaluate(base, _run_dir(seed_dir, folder), alphas[0], [], out, done, name, fingerprints)
+        return
     for alpha in alphas:
         todo = [m for m in methods if (seed, alpha, LABELS[m]) not in done]
-        if not todo and all((seed, None, label) in done for label in steering):
+        if todo or not all((seed, None, label) in done for label in steering):
+            folder = _alpha_folder(seed_dir, alpha, variant, todo or base.baselines.methods)
+            _evaluate(base, _run_dir(seed_dir, folder), alpha, todo, out, done, name, fingerprints)
+
+
+def _alpha_folder(seed_dir: Path, alpha: float, variant: str, methods: list[str]) -> str:
+    """alpha<a>[-<variant>], or with -<methods> added when that one already holds a finished evaluation (of other
+    methods), which is kept as it is."""
+    folder = f"alpha{alpha:g}-{variant}" if variant else f"alpha{alpha:g}"
+    if (seed_dir / folder / "eval" / "stage.json").exists():
+        folder += "-" + "-".join(methods)
+    return folder
+
+
+def _evaluate(base, run: Path, alpha: float, todo: list[str], out: Path, done: set, name: str,
+              fingerprints: dict) -> None:
+    """Fine-tune ``todo`` at ``alpha`` and evaluate in ``run``; append the rows not yet in ``out``."""
+    seed = base.run.seed
+    cfg = dataclasses.replace(base, run=dataclasses.replace(base.run, dir=str(run)),
+                              finetune=dataclasses.replace(base.finetune, alpha=alpha, methods=todo))
+    start = time.perf_counter()
+    pipeline.run(cfg)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    common = {"task": name, "seed": seed, "fingerprints": fingerprints, "best_offline": metrics["best_offline"],
+              "selection_rule": metrics["selection"].get("rule", "raw"),
+              "config": {k: v for k, v in cfg.section("finetune")["finetune"].items() if k != "methods"}}
+    # The design sets that do not depend on alpha (Pretrained, the baselines, the references), once per seed.
+    fixed = {n: m for n, m in {**metrics["methods"], **metrics["references"]}.items() if n not in LABELS.values()}
+    for label, m in fixed.items():
+        if (seed, None, label) in done:
+            _check_reproduced(out, seed, label, m)
             continue
-        run = _alpha_dir(seed_dir, seed_dir / "upstream", alpha, variant)
-        cfg = dataclasses.replace(base, run=dataclasses.replace(base.run, dir=str(run)),
-                                  finetune=dataclasses.replace(base.finetune, alpha=alpha, methods=methods))
-        start = time.perf_counter()
-        pipeline.run(cfg)
-        metrics = json.loads((run / "eval" / "metrics.json").read_text())
-        common = {"task": name, "seed": seed, "fingerprints": fingerprints, "best_offline": metrics["best_offline"],
-                  "config": {k: v for k, v in cfg.section("finetune")["finetune"].items() if k != "methods"}}
-        # The design sets that do not depend on alpha (Pretrained, the baselines, the references), once per seed.
-        fixed = {n: m for n, m in {**metrics["methods"], **metrics["references"]}.items() if n not in LABELS.values()}
-        for label, m in fixed.items():
-            if (seed, None, label) in done:
-                _check_reproduced(out, seed, label, m)
+        knobs = metrics.get("baselines", {}).get(label)
+        setting = {"setting": knobs["chosen"], "setting_queries": knobs["queries"]} if knobs else {}
+        _append(out, {**common, "alpha": None, "method": label, **_scalars(m), **setting})
+        done.add((seed, None, label))
+    for method in todo:
+        summary = json.loads((run / "finetune" / method / "summary.json").read_text())
+        _append(out, {**common, "alpha": alpha, "method": LABELS[method],
+                      **_scalars(metrics["methods"][LABELS[method]]),
+                      **{f"ft_{k}": v for k, v in _scalars(summary).items()}, "ft_stopped": summary.get("stopped")})
+    log.info("%s seed %d alpha %g: %s in %.0f s", name, seed, alpha, ", ".join(todo) or "baselines",
+             time.perf_counter() - start)
+
+
+def reselect(task: str, seeds: list[int], runs: Path) -> int:
+    """Rows made before the validity-aware selection (no ``selection_rule``) whose run directories are still on
+    disk: each fine-tuned method's selection designs (the same stream, so the same designs) rescored under the
+    validity rule its evaluation recorded (``rescore_selection``). The row gets the new ``selection_score`` with
+    ``selection_rule`` "valid", its old score kept as ``selection_score_raw``; nothing else in it changes. A row is
+    matched by seed, method and its whole fine-tuning config. Returns the rows rescored."""
+    from braid_ray.evaluate import rescore_selection
+    from braid_ray.stages import data_stage, oracle_stage
+
+    out = RESULTS / f"{task}.jsonl"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    changed = 0
+    for seed in seeds:
+        for run in sorted((runs / task / f"seed{seed}").glob("alpha*")):
+            if not (run / "eval" / "stage.json").exists():
                 continue
-            knobs = metrics.get("baselines", {}).get(label)
-            setting = {"setting": knobs["chosen"], "setting_queries": knobs["queries"]} if knobs else {}
-            _append(out, {**common, "alpha": None, "method": label, **_scalars(m), **setting})
-            done.add((seed, None, label))
-        for method in todo:
-            summary = json.loads((run / "finetune" / method / "summary.json").read_text())
-            _append(out, {**common, "alpha": alpha, "method": LABELS[method],
-                          **_scalars(metrics["methods"][LABELS[method]]),
-                          **{f"ft_{k}": v for k, v in _scalars(summary).items()}, "ft_stopped": summary.get("stopped")})
-        log.info("%s seed %d alpha %g: %s in %.0f s", task, seed, alpha, ", ".join(todo), time.perf_counter() - start)
+            cfg = load_config(run / "eval" / "config.yaml")
+            finetune = {k: v for k, v in cfg.section("finetune")["finetune"].items() if k != "methods"}
+            stale = [r for r in rows if r["seed"] == seed and r.get("config") == finetune
+                     and r.get("selection_rule") is None and r["method"] in LABELS.values()]
+            if not stale:
+                continue
+            rd = RunDir(str(run))
+            data = data_stage(cfg, rd)
+            scores = rescore_selection(cfg, rd, data, oracle_stage(cfg, rd, data))
+            for r in stale:
+                new = scores.get(r["method"])
+                if new is None:
+                    continue
+                if abs(new["selection_score_raw"] - r["selection_score"]) > 1e-6:
+                    log.warning("%s seed %d %s alpha %g: the selection designs' mean is %.6f now and %.6f in the row: "
+                                "other designs, so this score is of other draws", task, seed, r["method"], r["alpha"],
+                                new["selection_score_raw"], r["selection_score"])
+                r.update({**new, "selection_rule": "valid"})
+                changed += 1
+                log.info("%s seed %d %s alpha %g: selection score %.4f (plain mean %.4f, %.0f%% valid)", task, seed,
+                         r["method"], r["alpha"], new["selection_score"], new["selection_score_raw"],
+                         100 * new["selection_valid_share"])
+    if changed:
+        tmp = out.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(out)
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,16 +231,34 @@ def paired(df: pd.DataFrame, key: str, method: str, baseline: str = "STRL") -> p
     return pd.DataFrame(rows)
 
 
-def at_selected_alpha(df: pd.DataFrame, key: str) -> pd.DataFrame:
-    """Per seed and method, ``key`` at the alpha that the method's own oracle budget picks (the highest
-    ``selection_score``: the mean oracle score of designs drawn apart from the evaluated ones), so the evaluated
-    designs never chose their setting. Rows that predate the selection stream are left out."""
-    tuned = df[df["alpha"].notna()]
+def selected(tuned: pd.DataFrame) -> pd.DataFrame:
+    """Per (seed, method), the fine-tuned row its own oracle budget selects: the highest selection score over its
+    alphas, on designs drawn apart from the evaluated ones. The score is the validity-aware one (invalid designs
+    counted as the worst offline design; ``selection_rule`` "valid") where every alpha of the seed and method has
+    it, otherwise the plain oracle mean (the rule of rows made before 2026-12-04); column ``selected_by`` says
+    which. Rows that predate the selection stream are left out."""
     if "selection_score" not in tuned.columns:
-        return pd.DataFrame(columns=["seed", "method", "alpha", key])
+        return tuned.iloc[:0].assign(selected_by=[])
     tuned = tuned.dropna(subset=["selection_score"])
-    best = tuned.loc[tuned.groupby(["seed", "method"])["selection_score"].idxmax()]
-    return best[["seed", "method", "alpha", key]].reset_index(drop=True)
+    rule = tuned["selection_rule"] if "selection_rule" in tuned.columns else pd.Series("raw", index=tuned.index)
+    raw = tuned["selection_score_raw"] if "selection_score_raw" in tuned.columns else pd.Series(float("nan"),
+                                                                                                 index=tuned.index)
+    tuned = tuned.assign(_valid=tuned["selection_score"].where(rule == "valid"),
+                         _raw=raw.fillna(tuned["selection_score"].where(rule != "valid")))
+    picks = []
+    for _, g in tuned.groupby(["seed", "method"]):
+        by = "valid" if g["_valid"].notna().all() else "raw"
+        picks.append(g.loc[[g[f"_{by}"].idxmax()]].assign(selected_by=by))
+    if not picks:
+        return tuned.iloc[:0].assign(selected_by=[]).drop(columns=["_valid", "_raw"])
+    return pd.concat(picks).drop(columns=["_valid", "_raw"])
+
+
+def at_selected_alpha(df: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Per seed and method, ``key`` at the alpha that the method's own oracle budget picks (``selected``), so the
+    evaluated designs never chose their setting."""
+    best = selected(df[df["alpha"].notna()])
+    return best[["seed", "method", "alpha", key, "selected_by"]].reset_index(drop=True)
 
 
 def _pm(x: pd.Series, digits: int = 3) -> str:
@@ -172,6 +272,8 @@ def _pm(x: pd.Series, digits: int = 3) -> str:
 
 
 def report(df: pd.DataFrame) -> str:
+    from braid_ray.evaluate import SELECTION_QUERIES
+
     lines = []
     cols = [("median", "oracle median, all designs"), ("median_valid", "oracle median, valid designs"),
             ("median_penalized", "oracle median, invalid designs scored as the worst offline"),
@@ -209,7 +311,10 @@ def report(df: pd.DataFrame) -> str:
                 d = (a[key] - b[key]).dropna()
                 if len(d):
                     lo, hi = bootstrap_ci(d.to_numpy(), min_values=2)
-                    picks = ", ".join(f"{s}: {a.loc[s, 'alpha']:g} vs {b.loc[s, 'alpha']:g}" for s in d.index)
+                    rules = {"valid": "validity-aware score", "raw": "plain oracle mean"}
+                    picks = ", ".join(f"{s}: {a.loc[s, 'alpha']:g} vs {b.loc[s, 'alpha']:g} ("
+                                      + " / ".join(dict.fromkeys(rules[x.loc[s, 'selected_by']] for x in (a, b))) + ")"
+                                      for s in d.index)
                     lines += [f"| each at its selected alpha | {d.mean():+.3f} | [{lo:+.3f}, {hi:+.3f}] | {len(d)} | "
                               f"{int((d > 0).sum())} |", "", f"Selected alphas by seed ({method} vs STRL, each by "
                               f"its own {SELECTION_QUERIES}-query oracle budget on separate designs): {picks}."]
@@ -222,12 +327,7 @@ def _at_selection(t: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """One row per (seed, method): the alpha-free rows as they are, each fine-tuned method at its selected alpha."""
     keys = [k for k in keys if k in t.columns]
     fixed = t[t["alpha"].isna()][["seed", "method", "alpha", *keys]]
-    tuned = t[t["alpha"].notna()]
-    if "selection_score" in tuned.columns:
-        tuned = tuned.dropna(subset=["selection_score"])
-        tuned = tuned.loc[tuned.groupby(["seed", "method"])["selection_score"].idxmax()]
-    else:
-        tuned = tuned.iloc[:0]
+    tuned = selected(t[t["alpha"].notna()])
     return pd.concat([fixed, tuned[["seed", "method", "alpha", *keys]]], ignore_index=True)
 
 
@@ -360,6 +460,10 @@ def main() -> None:
     r.add_argument("--runs", default=str(ROOT / "runs" / "bench2"),
                    help="where the run directories live (a later run with the same --runs resumes their stages)")
     r.add_argument("--variant", default="", help="a name for these overrides: rows go to <task>-<variant>.jsonl")
+    rs = sub.add_parser("reselect", help="rescore the selection of rows made before the validity-aware rule")
+    rs.add_argument("--task", choices=sorted(PRESETS), required=True)
+    rs.add_argument("--seeds", type=int, nargs="+", required=True)
+    rs.add_argument("--runs", default=str(ROOT / "runs" / "bench2"))
     sub.add_parser("report")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -368,6 +472,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         for seed in args.seeds:
             run_seed(args.task, seed, args.alphas, args.methods, args.overrides, args.variant, Path(args.runs))
+        return
+    if args.cmd == "reselect":
+        log.info("%d rows rescored", reselect(args.task, args.seeds, Path(args.runs)))
         return
     rows = [json.loads(line) for p in sorted(RESULTS.glob("*.jsonl")) for line in p.read_text().splitlines()]
     if not rows:

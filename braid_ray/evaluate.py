@@ -20,6 +20,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from braid_ray.config import Config
 from braid_ray.data.tables import Labelled
 from braid_ray.diffusion.likelihood import ELBO_T_SAMPLES, elbo, unsupported
 from braid_ray.diffusion.likelihood import describe as describe_elbo
-from braid_ray.diffusion.pretrain import build_backbone
+from braid_ray.diffusion.pretrain import Backbone, build_backbone
 from braid_ray.diffusion.sampler import FineTunedPolicy, rollout
 from braid_ray.eval import (COLUMNS, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS, PER_DESIGN, ValidityRule,
                             design_statistics, method_metrics, results_table, samples_frame, score_distributions,
@@ -62,11 +63,31 @@ VALIDITY_COLUMNS = ["method", "valid_share", "homopolymer", "entropy", "gc", "nn
 # that it then scores. The sweep's budget (sweep.oracle_budget) is drawn from the same stream.
 SELECTION_QUERIES = 64
 SELECTION_STREAM = 13
+# The selection score: the designs' mean oracle score with every design the validity rule calls hacked scored as
+# the worst offline design, so a setting cannot win its selection by hacking (an oracle that shares the reward's
+# blind spot scores poly-T high; the rule does not). "raw" (the plain mean) was the rule before 2026-12-04.
+SELECTION_RULE = "valid"
 
 
 def selection_seed(seed: int) -> int:
     """The seed of the selection designs' noise: a stream apart from the evaluation's (which uses ``seed``)."""
     return int(np.random.SeedSequence([seed, SELECTION_STREAM]).generate_state(1)[0])
+
+
+def selection_scorer(oracle: Oracle, rule: ValidityRule, reference_codes: np.ndarray,
+                     elbo_fn: Callable[[np.ndarray], np.ndarray] | None, worst_offline: float
+                     ) -> Callable[[np.ndarray], dict[str, float]]:
+    """codes (N, L) -> {"selection_score": the score of SELECTION_RULE, the mean oracle score with each design that
+    ``rule`` calls invalid (its statistics against ``reference_codes``, D, and its ELBO by ``elbo_fn``) counted as
+    ``worst_offline``; "selection_score_raw": the plain mean; "selection_valid_share"}: N oracle queries."""
+    def select(codes: np.ndarray) -> dict[str, float]:
+        stats = design_statistics({"selection": codes}, reference_codes, elbo_fn)["selection"]
+        valid, _ = rule.apply(stats)
+        scores = oracle.score(codes)
+        return {"selection_score": float(np.where(valid, scores, worst_offline).mean()),
+                "selection_score_raw": float(scores.mean()), "selection_valid_share": float(valid.mean())}
+
+    return select
 
 
 def baseline_queries(cfg: Config) -> int:
@@ -127,13 +148,41 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
                                  *trained])
     # Without baselines the record is what it was before they existed, so earlier evaluations are reused.
     record = stage_record(cfg, ["eval", "baselines"] if cfg.baselines.methods else ["eval"], upstream,
-                          methods=list(methods))
+                          methods=list(methods), selection=SELECTION_RULE)
 
     def reuse() -> pd.DataFrame:
         m = stage.read_json("metrics.json")
         return results_table({**m["methods"], **m["references"]})
 
     return stage.once(record, cfg, lambda: _evaluate(cfg, run, data, oracle, methods), reuse)
+
+
+def tuned_policy(cfg: Config, run: RunDir, backbone: Backbone, pretrained: torch.nn.Module,
+                 method: str) -> FineTunedPolicy:
+    """The fine-tuned policy of stage finetune/<method>."""
+    tuned = FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization,
+                            active_steps=cfg.finetune.k if cfg.finetune.early_steps == "pretrained" else None)
+    tuned.trainable.load_state_dict(run.stage(f"finetune/{method}").load("trainable.safetensors", load_safetensors))
+    return tuned
+
+
+def rescore_selection(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle) -> dict[str, dict[str, float]]:
+    """The selection scores (``selection_scorer``) of a finished evaluation's fine-tuned methods, by label, on the
+    same selection designs (the same stream) and under the validity rule and worst offline design its metrics.json
+    recorded: for evaluations made before the validity-aware selection; SELECTION_QUERIES oracle queries each."""
+    metrics = run.stage("eval").read_json("metrics.json")
+    backbone = build_backbone(cfg.diffusion, data.d.length, cfg.finetune.temperature, cfg.finetune.straight_through)
+    pretrained = load_pretrained(cfg, run.uri, data.d.length)
+    rule = ValidityRule(**metrics["validity_rule"])
+    elbo_fn = None if rule.min_elbo_nats is None else (
+        lambda c: elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=cfg.run.seed))
+    select = selection_scorer(oracle, rule, data.d.codes, elbo_fn, metrics["worst_offline"])
+    out = {}
+    for method in [m for m in METHODS if label(m) in metrics["methods"]]:
+        chosen, _ = sample_codes(tuned_policy(cfg, run, backbone, pretrained, method), SELECTION_QUERIES,
+                                 cfg.eval.batch_size, selection_seed(cfg.run.seed))
+        out[label(method)] = select(chosen)
+    return out
 
 
 def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, methods: list[str]) -> pd.DataFrame:
@@ -154,31 +203,51 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
     extra: dict[str, dict[str, np.ndarray]] = {"onehot_distance": {}}
     codes["Pretrained"], extra["onehot_distance"]["Pretrained"] = sample_codes(policy, n, cfg.eval.batch_size,
                                                                                 cfg.run.seed)
+    # The 3-mer reference (D's measured top 0.1%) and the reference rows; their own stream, so the designs
+    # above are the same as without them.
+    kmer_rows = top_rows(d.y, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS)
+    ref_rng = np.random.default_rng([cfg.run.seed, 12])
+    references = reference_designs(d, kmer_rows, n, ref_rng)
+
+    # The validity rule from D; the selection of every setting below counts the designs it calls hacked as failures.
+    no_elbo = unsupported(backbone)
+    if no_elbo:
+        log.warning("evaluation without the ELBO: %s", no_elbo)
+
+    def elbo_fn(c: np.ndarray) -> np.ndarray:
+        return elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=cfg.run.seed)
+
+    ev = cfg.eval
+    elbo_sample = ref_rng.choice(len(d), size=min(ev.hack_elbo_rows, len(d)), replace=False)
+    rule = validity_rule(d.codes, None if no_elbo else elbo_fn(d.codes[elbo_sample]), quantile=ev.hack_quantile,
+                         min_run=ev.hack_min_run)
+    off_scores = oracle.score(off_codes)  # every offline design, scored like every design
+    best_offline, worst_offline = float(off_scores.max()), float(off_scores.min())
+    select = selection_scorer(oracle, rule, d.codes, None if no_elbo else elbo_fn, worst_offline)
     curves, selection = {}, {}
     for method in methods:
-        tuned = FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization,
-                                active_steps=cfg.finetune.k if cfg.finetune.early_steps == "pretrained" else None)
-        tuned.trainable.load_state_dict(run.stage(f"finetune/{method}").load("trainable.safetensors",
-                                                                             load_safetensors))
+        tuned = tuned_policy(cfg, run, backbone, pretrained, method)
         name = label(method)
         codes[name], extra["onehot_distance"][name] = sample_codes(tuned, n, cfg.eval.batch_size, cfg.run.seed)
         chosen, _ = sample_codes(tuned, SELECTION_QUERIES, cfg.eval.batch_size, selection_seed(cfg.run.seed))
-        selection[name] = float(oracle.score(chosen).mean())
+        selection[name] = select(chosen)
         curves[name] = run.stage(f"finetune/{method}").read_parquet("history.parquet")
     # The steering baselines: each chooses its setting on its own selection designs, then samples the evaluated ones.
     started = time.perf_counter()
     baselines = baseline_rows(Context(cfg, run.uri, backbone, pretrained, reward, off_y),
-                              lambda c: float(oracle.score(c).mean()), SELECTION_QUERIES, cfg.run.seed,
+                              lambda c: select(c)["selection_score"], SELECTION_QUERIES, cfg.run.seed,
                               selection_seed(cfg.run.seed))
     for name, row in baselines.items():
         codes[name], extra["onehot_distance"][name] = row.codes, row.onehot_distance
-        selection[name] = row.choice.score
+        selection[name] = {"selection_score": row.choice.score}
     if baselines:
         log.info("baselines %s: %.1f s (%d oracle queries for their settings)", ", ".join(baselines),
                  time.perf_counter() - started, sum(r.choice.queries for r in baselines.values()))
-    scores = {name: oracle.score(c) for name, c in codes.items()}
-    off_scores = oracle.score(off_codes)  # every offline design, scored like every design
-    best_offline, worst_offline = float(off_scores.max()), float(off_scores.min())
+    scores = {name: oracle.score(c) for name, c in {**codes, **references}.items()}
+    started = time.perf_counter()
+    stats = design_statistics({**codes, **references}, d.codes, None if no_elbo else elbo_fn)
+    log.info("validity statistics of %d designs: %.1f s", sum(len(v["entropy"]) for v in stats.values()),
+             time.perf_counter() - started)
     extra["r_hat"], extra["g_hat"] = {}, {}
     for method in methods:
         name = label(method)
@@ -187,29 +256,6 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
         penalty = cfg.baselines.guidance_penalty if name == BASELINES["guidance"].label else "none"
         extra["r_hat"][name], extra["g_hat"][name] = score(reward, codes[name], penalty)
 
-    # The 3-mer reference (D's measured top 0.1%) and the reference rows; their own stream, so the designs
-    # above are the same as without them.
-    kmer_rows = top_rows(d.y, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS)
-    ref_rng = np.random.default_rng([cfg.run.seed, 12])
-    references = reference_designs(d, kmer_rows, n, ref_rng)
-    scores.update({name: oracle.score(c) for name, c in references.items()})
-
-    # Validity per design, and the rule from D.
-    started = time.perf_counter()
-    no_elbo = unsupported(backbone)
-    if no_elbo:
-        log.warning("evaluation without the ELBO: %s", no_elbo)
-
-    def elbo_fn(c: np.ndarray) -> np.ndarray:
-        return elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=cfg.run.seed)
-
-    stats = design_statistics({**codes, **references}, d.codes, None if no_elbo else elbo_fn)
-    ev = cfg.eval
-    elbo_sample = ref_rng.choice(len(d), size=min(ev.hack_elbo_rows, len(d)), replace=False)
-    rule = validity_rule(d.codes, None if no_elbo else elbo_fn(d.codes[elbo_sample]), quantile=ev.hack_quantile,
-                         min_run=ev.hack_min_run)
-    log.info("validity statistics of %d designs and the rule from D: %.1f s",
-             sum(len(v["entropy"]) for v in stats.values()), time.perf_counter() - started)
     uatg = data.task.name in UATG_TASKS
     metrics, valid = {}, {}
     for name, c in {**codes, **references}.items():
@@ -225,8 +271,8 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
             extra.setdefault("invalid_because", {})[name] = reasons
     agreement = secondary_oracle(oracle, {**codes, **references}, scores, off_codes, best_offline, metrics, extra,
                                  list(codes))
-    for name, value in selection.items():  # not a column of the table: a number to choose settings by
-        metrics[name]["selection_score"] = value
+    for name, value in selection.items():  # not columns of the table: numbers to choose settings by
+        metrics[name].update(value)
     table = results_table(metrics)
 
     stage.write_parquet("samples.parquet", samples_frame(codes, {m: scores[m] for m in codes}, extra))
@@ -234,7 +280,9 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
         "task": data.task.name, "oracle": oracle.info, "best_offline": best_offline, "worst_offline": worst_offline,
         "n_samples": n, "validity_rule": rule.to_dict(),
         "selection": {"queries": SELECTION_QUERIES, "metric": "selection_score", "stream": SELECTION_STREAM,
-                      "note": "mean oracle score of designs drawn apart from the evaluated ones"},
+                      "rule": SELECTION_RULE,
+                      "note": "mean oracle score of designs drawn apart from the evaluated ones, each design the "
+                              "validity rule calls invalid counted as the worst offline design"},
         **({"baselines": {name: knob_json(row) for name, row in baselines.items()}} if baselines else {}),
         "elbo": {"t_samples": ELBO_T_SAMPLES, "data_rows": int(elbo_sample.size)} if not no_elbo else
         {"unavailable": no_elbo},

@@ -163,6 +163,10 @@ def test_utr_designs_are_scored_by_an_independent_oracle_too(tmp_path: Path) -> 
     strl = metrics["methods"]["STRL"]
     assert {"secondary_median", "both_frac_above_best", "oracle_spearman"} <= set(strl)
     assert strl["both_frac_above_best"] <= min(strl["frac_above_best"], strl["secondary_frac_above_best"])
+    # the alpha-selection score counts the designs the validity rule calls hacked as the worst offline design
+    assert metrics["selection"]["rule"] == "valid" and 0 <= strl["selection_valid_share"] <= 1
+    if strl["selection_valid_share"] == 1:
+        assert strl["selection_score"] == strl["selection_score_raw"]
     samples = pd.read_parquet(run / "eval" / "samples.parquet")
     assert samples["oracle_secondary"].notna().all()
     assert "An independent oracle beside the primary: kmer_ridge" in (run / "eval" / "report.md").read_text()

@@ -78,3 +78,48 @@ def test_the_backbones_are_compared_per_method_at_the_selected_alpha_and_paired_
     assert "| -0.150 [" in rows[("STRL", "masked")] and "(2 seeds, masked ahead in 1)" in rows[("STRL", "masked")]
     assert "(2 seeds, masked ahead in 2)" in rows[("DDOM", "masked")]
     assert quality.backbones(gauss) == ""
+
+
+def test_selection_counts_hacked_designs_as_failures_where_every_alpha_was_scored_so() -> None:
+    """At alpha 0.01 most selection designs are hacked: the plain mean prefers it, the validity-aware score does
+    not. A (seed, method) whose alphas were not all scored by the validity-aware rule (rows from before it) is
+    selected by the plain mean of every alpha, never by a mix of the two."""
+    rows = [{"task": "toy", "seed": 0, "method": "STRL", "alpha": 0.01, "median": 0.9, "best_offline": 0.4,
+             "selection_score": 0.1, "selection_score_raw": 0.95, "selection_rule": "valid"},
+            {"task": "toy", "seed": 0, "method": "STRL", "alpha": 0.1, "median": 0.6, "best_offline": 0.4,
+             "selection_score": 0.55, "selection_score_raw": 0.6, "selection_rule": "valid"}]
+    chosen = quality.at_selected_alpha(pd.DataFrame(rows), "median")
+    assert chosen.loc[0, "alpha"] == 0.1 and chosen.loc[0, "selected_by"] == "valid"
+    rows[1] = {**rows[1], "selection_score": 0.6, "selection_rule": None}  # an older row: its score is the mean
+    del rows[1]["selection_score_raw"]
+    chosen = quality.at_selected_alpha(pd.DataFrame(rows), "median")
+    assert chosen.loc[0, "alpha"] == 0.01 and chosen.loc[0, "selected_by"] == "raw"  # 0.95 > 0.6
+
+
+def test_a_run_directory_gets_the_finished_upstream_stages_it_lacks_and_no_unfinished_one(tmp_path: Path) -> None:
+    """A baseline trained upstream after an alpha's run directory was made is copied there (not retrained); one
+    still training is not."""
+    up, run = tmp_path / "upstream", tmp_path / "alpha0.1"
+    for stage, marker in (("data", "stage.json"), ("baselines/ddom", "stage.json"),
+                          ("baselines/cfg", "stage.pending.json")):
+        (up / stage).mkdir(parents=True)
+        (up / stage / marker).write_text("{}")
+    (run / "baselines" / "ddom").mkdir(parents=True)
+    (run / "baselines" / "ddom" / "stage.json").write_text('{"mine": 1}')
+    for stage in ("data", "baselines"):
+        quality._copy_missing(up / stage, run / stage)
+    assert (run / "data" / "stage.json").is_file() and not (run / "baselines" / "cfg").exists()
+    assert (run / "baselines" / "ddom" / "stage.json").read_text() == '{"mine": 1}'  # never replaced
+    (up / "baselines" / "cfg" / "stage.pending.json").rename(up / "baselines" / "cfg" / "stage.json")
+    quality._copy_missing(up / "baselines", run / "baselines")
+    assert (run / "baselines" / "cfg" / "stage.json").is_file()
+
+
+def test_methods_added_at_an_evaluated_alpha_get_a_run_directory_of_their_own(tmp_path: Path) -> None:
+    assert quality._alpha_folder(tmp_path, 0.01, "", ["braid_boot"]) == "alpha0.01"
+    (tmp_path / "alpha0.01" / "eval").mkdir(parents=True)
+    (tmp_path / "alpha0.01" / "eval" / "stage.pending.json").write_text("{}")  # unfinished: resumed in place
+    assert quality._alpha_folder(tmp_path, 0.01, "", ["braid_boot"]) == "alpha0.01"
+    (tmp_path / "alpha0.01" / "eval" / "stage.json").write_text("{}")
+    assert quality._alpha_folder(tmp_path, 0.01, "", ["braid_boot"]) == "alpha0.01-braid_boot"
+    assert quality._alpha_folder(tmp_path, 0.01, "K50", ["strl"]) == "alpha0.01-K50"

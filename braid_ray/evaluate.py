@@ -21,6 +21,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,20 +75,47 @@ def selection_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, SELECTION_STREAM]).generate_state(1)[0])
 
 
-def selection_scorer(oracle: Oracle, rule: ValidityRule, reference_codes: np.ndarray,
-                     elbo_fn: Callable[[np.ndarray], np.ndarray] | None, worst_offline: float
-                     ) -> Callable[[np.ndarray], dict[str, float]]:
-    """codes (N, L) -> {"selection_score": the score of SELECTION_RULE, the mean oracle score with each design that
-    ``rule`` calls invalid (its statistics against ``reference_codes``, D, and its ELBO by ``elbo_fn``) counted as
-    ``worst_offline``; "selection_score_raw": the plain mean; "selection_valid_share"}: N oracle queries."""
-    def select(codes: np.ndarray) -> dict[str, float]:
-        stats = design_statistics({"selection": codes}, reference_codes, elbo_fn)["selection"]
-        valid, _ = rule.apply(stats)
-        scores = oracle.score(codes)
-        return {"selection_score": float(np.where(valid, scores, worst_offline).mean()),
-                "selection_score_raw": float(scores.mean()), "selection_valid_share": float(valid.mean())}
+def validity_check(rule: ValidityRule, reference_codes: np.ndarray,
+                   elbo_fn: Callable[[np.ndarray], np.ndarray] | None) -> Callable[[np.ndarray], np.ndarray]:
+    """codes (N, L) -> valid (N,) bool under ``rule``: each design's statistics against ``reference_codes`` (D)
+    and its ELBO by ``elbo_fn`` (None: a rule without an ELBO limit)."""
+    def valid(codes: np.ndarray) -> np.ndarray:
+        return rule.apply(design_statistics({"designs": codes}, reference_codes, elbo_fn)["designs"])[0]
 
-    return select
+    return valid
+
+
+def selection_scores(scores: np.ndarray, valid: np.ndarray, worst_offline: float) -> dict[str, float]:
+    """{"selection_score": the score of SELECTION_RULE, the mean of ``scores`` with each invalid design counted as
+    ``worst_offline``; "selection_score_raw": the plain mean; "selection_valid_share"}."""
+    return {"selection_score": float(np.where(valid, scores, worst_offline).mean()),
+            "selection_score_raw": float(np.mean(scores)), "selection_valid_share": float(np.mean(valid))}
+
+
+def selection_scorer(oracle: Oracle, valid: Callable[[np.ndarray], np.ndarray], worst_offline: float
+                     ) -> Callable[[np.ndarray], dict[str, float]]:
+    """codes (N, L) -> ``selection_scores`` of them: N oracle queries, validity by ``valid``."""
+    return lambda codes: selection_scores(oracle.score(codes), valid(codes), worst_offline)
+
+
+def selection_reference(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle) -> dict:
+    """What a sweep's trials judge their selection designs by, made once per sweep from its base run: the validity
+    rule (as the evaluation makes it) and the oracle's worst offline design (|D_off| oracle queries, counted here,
+    outside the trials' budgets)."""
+    backbone = build_backbone(cfg.diffusion, data.d.length, cfg.finetune.temperature, cfg.finetune.straight_through)
+    v = validity_setup(cfg, data.d, backbone, load_pretrained(cfg, run.uri, data.d.length))
+    off = oracle.score(data.d.codes[data.splits.off])
+    return {"rule": v.rule.to_dict(), "worst_offline": float(off.min()), "oracle_queries": int(off.size)}
+
+
+def reference_check(reference: dict, reference_codes: np.ndarray, backbone: Backbone, pretrained: torch.nn.Module,
+                    seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``validity_check`` under a recorded rule (``selection_reference``, or an evaluation's metrics.json), its
+    ELBO limit applied with ``pretrained``'s ELBO as the evaluation computes it."""
+    rule = ValidityRule(**reference["rule"])
+    elbo_fn = None if rule.min_elbo_nats is None else (
+        lambda c: elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=seed))
+    return validity_check(rule, reference_codes, elbo_fn)
 
 
 def baseline_queries(cfg: Config) -> int:
@@ -173,16 +201,48 @@ def rescore_selection(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle
     metrics = run.stage("eval").read_json("metrics.json")
     backbone = build_backbone(cfg.diffusion, data.d.length, cfg.finetune.temperature, cfg.finetune.straight_through)
     pretrained = load_pretrained(cfg, run.uri, data.d.length)
-    rule = ValidityRule(**metrics["validity_rule"])
-    elbo_fn = None if rule.min_elbo_nats is None else (
-        lambda c: elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=cfg.run.seed))
-    select = selection_scorer(oracle, rule, data.d.codes, elbo_fn, metrics["worst_offline"])
+    valid = reference_check({"rule": metrics["validity_rule"]}, data.d.codes, backbone, pretrained, cfg.run.seed)
+    select = selection_scorer(oracle, valid, metrics["worst_offline"])
     out = {}
     for method in [m for m in METHODS if label(m) in metrics["methods"]]:
         chosen, _ = sample_codes(tuned_policy(cfg, run, backbone, pretrained, method), SELECTION_QUERIES,
                                  cfg.eval.batch_size, selection_seed(cfg.run.seed))
         out[label(method)] = select(chosen)
     return out
+
+
+@dataclass(frozen=True)
+class ValiditySetup:
+    """The validity rule from D (``rule``), the ELBO function it was made with (None where the backbone has no
+    ELBO: ``no_elbo`` says why) and the rows of D whose ELBO set its limit; the 3-mer reference rows of D and the
+    reference designs (uniform random, D's top 1%, poly-T)."""
+
+    rule: ValidityRule
+    elbo_fn: Callable[[np.ndarray], np.ndarray] | None
+    no_elbo: str | None
+    elbo_rows: int
+    kmer_rows: np.ndarray
+    references: dict[str, np.ndarray]
+
+
+def validity_setup(cfg: Config, d: Labelled, backbone: Backbone, pretrained: torch.nn.Module) -> ValiditySetup:
+    """What the evaluation and a sweep's selection judge validity by; drawn on the stream [run.seed, 12], apart
+    from the designs', so one seed gives the same rule everywhere."""
+    kmer_rows = top_rows(d.y, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS)  # D's measured top 0.1%
+    ref_rng = np.random.default_rng([cfg.run.seed, 12])
+    references = reference_designs(d, kmer_rows, cfg.eval.n_samples, ref_rng)
+    no_elbo = unsupported(backbone)
+    if no_elbo:
+        log.warning("validity without the ELBO: %s", no_elbo)
+
+    def elbo_fn(c: np.ndarray) -> np.ndarray:
+        return elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=cfg.run.seed)
+
+    ev = cfg.eval
+    elbo_sample = ref_rng.choice(len(d), size=min(ev.hack_elbo_rows, len(d)), replace=False)
+    rule = validity_rule(d.codes, None if no_elbo else elbo_fn(d.codes[elbo_sample]), quantile=ev.hack_quantile,
+                         min_run=ev.hack_min_run)
+    return ValiditySetup(rule, None if no_elbo else elbo_fn, no_elbo, int(elbo_sample.size), kmer_rows, references)
 
 
 def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, methods: list[str]) -> pd.DataFrame:
@@ -203,27 +263,11 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
     extra: dict[str, dict[str, np.ndarray]] = {"onehot_distance": {}}
     codes["Pretrained"], extra["onehot_distance"]["Pretrained"] = sample_codes(policy, n, cfg.eval.batch_size,
                                                                                 cfg.run.seed)
-    # The 3-mer reference (D's measured top 0.1%) and the reference rows; their own stream, so the designs
-    # above are the same as without them.
-    kmer_rows = top_rows(d.y, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS)
-    ref_rng = np.random.default_rng([cfg.run.seed, 12])
-    references = reference_designs(d, kmer_rows, n, ref_rng)
-
-    # The validity rule from D; the selection of every setting below counts the designs it calls hacked as failures.
-    no_elbo = unsupported(backbone)
-    if no_elbo:
-        log.warning("evaluation without the ELBO: %s", no_elbo)
-
-    def elbo_fn(c: np.ndarray) -> np.ndarray:
-        return elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=cfg.run.seed)
-
-    ev = cfg.eval
-    elbo_sample = ref_rng.choice(len(d), size=min(ev.hack_elbo_rows, len(d)), replace=False)
-    rule = validity_rule(d.codes, None if no_elbo else elbo_fn(d.codes[elbo_sample]), quantile=ev.hack_quantile,
-                         min_run=ev.hack_min_run)
+    v = validity_setup(cfg, d, backbone, pretrained)
+    rule, elbo_fn, kmer_rows, references = v.rule, v.elbo_fn, v.kmer_rows, v.references
     off_scores = oracle.score(off_codes)  # every offline design, scored like every design
     best_offline, worst_offline = float(off_scores.max()), float(off_scores.min())
-    select = selection_scorer(oracle, rule, d.codes, None if no_elbo else elbo_fn, worst_offline)
+    select = selection_scorer(oracle, validity_check(rule, d.codes, elbo_fn), worst_offline)
     curves, selection = {}, {}
     for method in methods:
         tuned = tuned_policy(cfg, run, backbone, pretrained, method)
@@ -245,7 +289,7 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
                  time.perf_counter() - started, sum(r.choice.queries for r in baselines.values()))
     scores = {name: oracle.score(c) for name, c in {**codes, **references}.items()}
     started = time.perf_counter()
-    stats = design_statistics({**codes, **references}, d.codes, None if no_elbo else elbo_fn)
+    stats = design_statistics({**codes, **references}, d.codes, elbo_fn)
     log.info("validity statistics of %d designs: %.1f s", sum(len(v["entropy"]) for v in stats.values()),
              time.perf_counter() - started)
     extra["r_hat"], extra["g_hat"] = {}, {}
@@ -284,8 +328,8 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
                       "note": "mean oracle score of designs drawn apart from the evaluated ones, each design the "
                               "validity rule calls invalid counted as the worst offline design"},
         **({"baselines": {name: knob_json(row) for name, row in baselines.items()}} if baselines else {}),
-        "elbo": {"t_samples": ELBO_T_SAMPLES, "data_rows": int(elbo_sample.size)} if not no_elbo else
-        {"unavailable": no_elbo},
+        "elbo": {"t_samples": ELBO_T_SAMPLES, "data_rows": v.elbo_rows} if not v.no_elbo else
+        {"unavailable": v.no_elbo},
         "kmer_reference": {"rows": int(kmer_rows.size), "fraction": KMER_TOP_FRACTION, "k": 3},
         "methods": {m: metrics[m] for m in codes}, "references": {m: metrics[m] for m in references},
         "oracles": getattr(oracle, "summary", {}), "oracle_agreement": agreement})
@@ -304,7 +348,7 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
                  f"Best offline design (D_off, scored by the oracle): {best_offline:.4g}; worst: {worst_offline:.4g}.",
                  "Offline rows are real measured designs; generated designs are scored by the oracle only.",
                  *validity_notes(rule, d.length, len(d), kmer_rows.size, {m: len(c) for m, c in references.items()},
-                                 worst_offline, int(elbo_sample.size), no_elbo, ev.hack_min_run,
+                                 worst_offline, v.elbo_rows, v.no_elbo, cfg.eval.hack_min_run,
                                  describe_elbo(backbone)),
                  *(describe(name, row) for name, row in baselines.items())]
         validity_table = table[[c for c in VALIDITY_COLUMNS if c in table.columns]]

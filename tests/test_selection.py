@@ -10,7 +10,7 @@ from braid_ray.config import DiffusionConfig
 from braid_ray.diffusion.pretrain import build_backbone, build_denoiser
 from braid_ray.diffusion.sampler import FineTunedPolicy
 from braid_ray.eval import validity_rule
-from braid_ray.evaluate import sample_codes, selection_scorer, selection_seed
+from braid_ray.evaluate import sample_codes, selection_scorer, selection_seed, validity_check
 
 
 def test_selection_designs_are_drawn_apart_from_the_evaluation_designs() -> None:
@@ -51,7 +51,7 @@ def test_the_selection_score_counts_hacked_designs_as_the_worst_offline_design()
     data = rng.integers(0, 4, size=(2000, 20)).astype(np.int8)
     rule = validity_rule(data)  # no ELBO part: homopolymer and entropy limits from D
     oracle, worst = _CountingOracle(), 0.0
-    select = selection_scorer(oracle, rule, data, None, worst)
+    select = selection_scorer(oracle, validity_check(rule, data, None), worst)
     valid = rng.integers(0, 4, size=(64, 20)).astype(np.int8)
     hacked = valid.copy()
     hacked[:48] = 3  # 48 of 64 designs are poly-T: the oracle's best designs, and invalid

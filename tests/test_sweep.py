@@ -206,19 +206,29 @@ def test_a_trial_queries_the_oracle_exactly_its_budget_and_never_twice(upstream:
         monkeypatch.setattr(oracle, "score", lambda codes: queries.append(len(codes)) or score(codes))
         return data, oracle
 
-    monkeypatch.setattr(trial, "load_upstream", counted)
     base = load_config(None, [f"run.dir={upstream}", *TINY])
+    reference = trial.sweep_reference(base)  # the driver's, once per sweep: |D_off| queries of its own
+    monkeypatch.setattr(trial, "load_upstream", counted)
     cfg = trial_config(base.to_dict(), {"finetune.alpha": 0.01, "run.seed": 3})
     reporter = ListReporter()
-    final = trial.run_trial(cfg, base, 12, reporter)
+    final = trial.run_trial(cfg, base, 12, reference, reporter)
     assert queries == [12] and final["oracle_queries"] == 12 and np.isfinite(final["oracle_score"])
+    assert 0 <= final["valid_share"] <= 1 and np.isfinite(final["oracle_mean"])
     assert [r["step"] for r in reporter.reports] == [1, 2, 3, 4] and reporter.reports[-1] == final
     assert all(r["oracle_queries"] == 0 and np.isnan(r["oracle_score"]) for r in reporter.reports[:-1])
     assert {"trainable.safetensors", "trainer_state.pt", "final.json"} <= set(reporter.files)
 
     # Resumed after it finished: the same result, no training, no oracle query.
     again = ListReporter(reporter.files)
-    assert trial.run_trial(cfg, base, 12, again) == final and again.reports == [final] and queries == [12]
+    assert trial.run_trial(cfg, base, 12, reference, again) == final and again.reports == [final] and queries == [12]
+
+    # Under a rule that calls every design hacked (any run of one letter), the trial scores the worst offline
+    # design, whatever the oracle says: the sweep's score is the evaluation's selection score.
+    strict = {**reference, "rule": {**reference["rule"], "homopolymer_run": 1}}
+    other = trial.run_trial(trial_config(base.to_dict(), {"finetune.alpha": 0.01, "run.seed": 4}), base, 12, strict,
+                            ListReporter())
+    assert other["valid_share"] == 0 and other["oracle_score"] == strict["worst_offline"]
+    assert other["oracle_mean"] != other["oracle_score"]
 
 
 # --------------------------------------------------------------------------------------------------

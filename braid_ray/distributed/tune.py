@@ -39,12 +39,13 @@ from braid_ray.sweep.results import (best_config_yaml, best_params, score_map, s
                                      trials_frame)
 from braid_ray.sweep.resources import concurrency, trial_device, trial_resources, trial_threads
 from braid_ray.sweep.spec import METRIC, OBJECTIVE, Sweep, trial_config
-from braid_ray.sweep.trial import TRAIN_KEYS, pretrained_reference, run_trial, train_metrics
+from braid_ray.evaluate import SELECTION_RULE
+from braid_ray.sweep.trial import TRAIN_KEYS, pretrained_reference, run_trial, sweep_reference, train_metrics
 
 log = logging.getLogger(__name__)
 
-FINAL_KEYS = (*TRAIN_KEYS, METRIC, "oracle_std", "oracle_max", "oracle_queries", "sample_r_hat", "sample_g_hat",
-              "distinct", "device", "finished_at")
+FINAL_KEYS = (*TRAIN_KEYS, METRIC, "oracle_mean", "valid_share", "oracle_std", "oracle_max", "oracle_queries",
+              "sample_r_hat", "sample_g_hat", "distinct", "device", "finished_at")
 
 
 @dataclass
@@ -135,7 +136,8 @@ class StepReports(TuneReportCallback):
 
 def sweep_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     """One Tune trial. ``params``: the searched dotted keys; ``setup``: the base config dict (with the trials'
-    run.device), the oracle budget, torch threads and the Train storage. Reads nothing else."""
+    run.device), the oracle budget, the selection reference (validity rule, worst offline design), torch threads
+    and the Train storage. Reads nothing else."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     torch.set_num_threads(setup["threads"])
@@ -147,7 +149,7 @@ def sweep_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         name = tune.get_context().get_trial_id()  # the same name on resume: the Train run resumes too
         callbacks = [StepReports(cfg.finetune.steps)]
         remote = lambda c, job: finetune_on_ray(c, job, setup["train_storage"], name, callbacks)  # noqa: E731
-    run_trial(cfg, from_dict(setup["base"]), setup["budget"], _TuneReporter(), remote)
+    run_trial(cfg, from_dict(setup["base"]), setup["budget"], setup["reference"], _TuneReporter(), remote)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -187,17 +189,17 @@ def search_parts(sweep: Sweep, max_concurrent: int) -> tuple[Any, Any]:
                                  stop_last_trials=False)
 
 
-def _trainable(sweep: Sweep, uri: str) -> Any:
+def _trainable(sweep: Sweep, uri: str, reference: dict) -> Any:
     base = sweep.base.to_dict()
     if sweep.base.ray.num_workers == 0:
         base["run"]["device"] = trial_device(sweep)
-    setup = {"base": base, "budget": sweep.settings.oracle_budget, "threads": trial_threads(sweep),
-             "train_storage": f"{uri}/train"}
+    setup = {"base": base, "budget": sweep.settings.oracle_budget, "reference": reference,
+             "threads": trial_threads(sweep), "train_storage": f"{uri}/train"}
     return tune.with_resources(tune.with_parameters(sweep_trial, setup=setup), trial_resources(sweep))
 
 
-def _tuner(sweep: Sweep, uri: str, max_concurrent: int) -> Any:
-    trainable = _trainable(sweep, uri)
+def _tuner(sweep: Sweep, uri: str, max_concurrent: int, reference: dict) -> Any:
+    trainable = _trainable(sweep, uri, reference)
     experiment = f"{uri}/tune"
     if tune.Tuner.can_restore(experiment):
         log.info("sweep: resuming %s (finished trials are kept, unfinished and errored ones continue; Tune keeps "
@@ -218,7 +220,7 @@ def _tuner(sweep: Sweep, uri: str, max_concurrent: int) -> Any:
 def check_record(sweep: Sweep, uri: str) -> None:
     """A resumed sweep must be the same sweep: a changed base config or search space stops with the keys."""
     results = RunDir(uri).stage("results")
-    record = sweep.record()
+    record = {**sweep.record(), "selection": SELECTION_RULE}  # trials scored by another rule are not resumed
     if results.exists("sweep.json"):
         old = results.read_json("sweep.json")
         if old["fingerprint"] != fingerprint(record):
@@ -253,8 +255,9 @@ def run_sweep(sweep: Sweep, upstream: Callable[[], object]) -> SweepOutcome:
              size if size is not None else sweep.settings.num_samples, sweep.method, max_concurrent,
              sweep.settings.oracle_budget, uri)
     upstream()
+    selection = sweep_reference(sweep.base)  # the validity rule and worst offline design every trial is judged by
 
-    grid = _tuner(sweep, uri, max_concurrent).fit()
+    grid = _tuner(sweep, uri, max_concurrent, selection).fit()
     keys = list(sweep.search)
     trials = trials_frame(_rows(grid), keys)
     out = RunDir(uri).stage("results")
@@ -264,19 +267,22 @@ def run_sweep(sweep: Sweep, upstream: Callable[[], object]) -> SweepOutcome:
         log.warning("sweep: trial %s failed: %s", row["trial_id"], row["error"])
     seeds = seed_table(trials, keys)
     best = best_params(seeds, keys)  # a ValueError if no trial spent its budget
-    reference = pretrained_reference(sweep.base, sweep.settings.oracle_budget)
+    reference = pretrained_reference(sweep.base, sweep.settings.oracle_budget, selection)
     queries = int(trials["oracle_queries"].sum())
     summary = {
         "sweep": sweep.name, "source": sweep.source, "method": sweep.method, "metric": METRIC,
         "oracle_budget_per_trial": sweep.settings.oracle_budget, "oracle_queries_trials": queries,
         "oracle_queries_reference": reference["oracle_queries"],
+        "selection": {"rule": SELECTION_RULE, "validity_rule": selection["rule"],
+                      "worst_offline": selection["worst_offline"],
+                      "oracle_queries_worst_offline": selection["oracle_queries"]},
         "trials": {status: int(n) for status, n in trials["status"].value_counts().items()},
         "best": best, "best_score": {k: float(seeds.iloc[0][k]) for k in (f"{METRIC}_mean", f"{METRIC}_std")},
         "pretrained_reference": reference, "seconds": time.perf_counter() - start,
     }
     out.write_text("seeds.csv", seeds.to_csv(index=False))
     out.write_text("seeds.md", seed_markdown(seeds, keys) + "\n")
-    png = score_map(trials, sweep.search, best, reference, f"{sweep.name}: {sweep.method}, mean oracle score of "
+    png = score_map(trials, sweep.search, best, reference, f"{sweep.name}: {sweep.method}, selection score of "
                                              f"{sweep.settings.oracle_budget} samples per trial")
     if png is not None:
         out.write_bytes("heatmap.png", png)

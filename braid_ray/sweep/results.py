@@ -21,10 +21,10 @@ from braid_ray.sweep.spec import METRIC, SEED_KEY, Sweep, set_dotted, trial_conf
 
 ALPHA, STRENGTH = "finetune.alpha", "finetune.strength"
 # Per-trial result columns, after the searched keys.
-RESULT_COLUMNS = ["status", "step", "objective", "r_hat", "g_hat", "kl", METRIC, "oracle_std", "oracle_max",
-                  "oracle_queries", "sample_r_hat", "sample_g_hat", "distinct", "device", "seconds", "finished_at",
+RESULT_COLUMNS = ["status", "step", "objective", "r_hat", "g_hat", "kl", METRIC, "oracle_mean", "valid_share",
+                  "oracle_std", "oracle_max", "oracle_queries", "sample_r_hat", "sample_g_hat", "distinct", "device", "seconds", "finished_at",
                   "trial_id", "error"]
-SUMMARY_METRICS = [METRIC, "r_hat", "g_hat", "kl", "objective"]
+SUMMARY_METRICS = [METRIC, "valid_share", "r_hat", "g_hat", "kl", "objective"]
 
 
 def trials_frame(rows: list[dict], keys: list[str]) -> pd.DataFrame:
@@ -49,7 +49,7 @@ def group_keys(keys: list[str]) -> list[str]:
 
 
 def seed_table(trials: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Mean and std over seeds of each configuration's finished trials, best mean oracle score first."""
+    """Mean and std over seeds of each configuration's finished trials, best selection score first."""
     done = trials[trials["status"] == "finished"]
     by = group_keys(keys)
     if done.empty:
@@ -77,7 +77,7 @@ def seed_markdown(table: pd.DataFrame, keys: list[str]) -> str:
 
 
 def best_params(table: pd.DataFrame, keys: list[str]) -> dict:
-    """The searched values (seed excluded) of the configuration with the best mean oracle score."""
+    """The searched values (seed excluded) of the configuration with the best selection score."""
     if table.empty:
         raise ValueError("no trial finished with its oracle budget spent: nothing to select")
     row = table.iloc[0]
@@ -95,7 +95,7 @@ def best_config_yaml(sweep: Sweep, params: dict, table: pd.DataFrame, queries: i
     header = [
         f"Best configuration of sweep {sweep.name} ({sweep.source}), method {sweep.method}:",
         f"  {chosen}",
-        f"  mean oracle score {row[f'{METRIC}_mean']:.4g}"
+        f"  selection score {row[f'{METRIC}_mean']:.4g}"
         + ("" if np.isnan(row[f"{METRIC}_std"]) else f" ± {row[f'{METRIC}_std']:.2g}")
         + f" over {int(row['seeds'])} seed(s){f' {seeds}' if seeds else ''},"
         f" {sweep.settings.oracle_budget} oracle queries per trial, {queries} in the whole sweep.",
@@ -107,7 +107,7 @@ def best_config_yaml(sweep: Sweep, params: dict, table: pd.DataFrame, queries: i
 
 def score_map(trials: pd.DataFrame, search: dict[str, dict[str, list]], best: dict, reference: dict | None,
               title: str) -> bytes | None:
-    """PNG of the mean oracle score over alpha x penalty strength (averaged over seeds and any other key):
+    """PNG of the selection score over alpha x penalty strength (averaged over seeds and any other key):
     a heatmap when both take listed values (grid / choice), a scatter when either is drawn from a range; the
     selected configuration ``best`` is outlined in red. None if either key was not searched."""
     if ALPHA not in search or STRENGTH not in search:
@@ -144,7 +144,7 @@ def score_map(trials: pd.DataFrame, search: dict[str, dict[str, list]], best: di
     ax.set_xlabel("alpha (KL weight, finetune.alpha)")
     ax.set_ylabel("penalty strength (finetune.strength)")
     bar = fig.colorbar(image, ax=ax)
-    bar.set_label("mean oracle score on the budget")
+    bar.set_label("selection score on the budget (invalid designs = worst offline)")
     lines = [title, "cells: mean ± std over seeds; red: selected"]
     if reference is not None:
         lines[-1] += f"; pretrained {reference[METRIC]:.3f}, best offline y {reference['best_offline_y']:.3f}"

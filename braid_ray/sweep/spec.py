@@ -33,7 +33,9 @@ from braid_ray.config import (Config, ConfigError, build_dataclass, from_dict, l
                               read_yaml)
 
 SEED_KEY = "run.seed"
-METRIC = "oracle_score"  # selection metric: mean oracle score of a trial's final samples (the budget)
+# selection metric: the mean oracle score of a trial's final samples (the budget), each design the validity rule
+# calls invalid counted as the worst offline design (braid_ray/evaluate.py, selection_scores)
+METRIC = "oracle_score"
 OBJECTIVE = "objective"  # early-stopping metric: the conservative fine-tuning objective, never the oracle
 TOP_LEVEL = ("base", "search", "sweep")
 # Search-space kinds: how many values each takes ("list" = one or more).

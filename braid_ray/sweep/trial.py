@@ -22,7 +22,7 @@ import numpy as np
 from braid_ray.config import Config
 from braid_ray.devices import resolve_device
 from braid_ray.eval import distinct
-from braid_ray.evaluate import sample_codes, selection_seed
+from braid_ray.evaluate import reference_check, sample_codes, selection_reference, selection_scores, selection_seed
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_reward, load_trainer_state, trainer_state_files
 from braid_ray.finetune.loop import Save, drive
 from braid_ray.finetune.trainer import FineTuner
@@ -58,19 +58,31 @@ def load_upstream(base: Config) -> tuple[DataResult, Oracle]:
     return data, oracle_stage(base, run, data)
 
 
-def spend_budget(tuner: FineTuner, cfg: Config, run_dir: str, method: str, oracle: Oracle, budget: int
-                 ) -> dict[str, float]:
+def sweep_reference(base: Config) -> dict:
+    """The validity rule and worst offline design every trial's selection designs are judged by
+    (``selection_reference``), from the base run directory; made once per sweep, by the driver."""
+    data, oracle = load_upstream(base)
+    return selection_reference(base, RunDir(base.run.dir), data, oracle)
+
+
+def spend_budget(tuner: FineTuner, cfg: Config, run_dir: str, method: str, oracle: Oracle, budget: int,
+                 reference: dict, reference_codes: np.ndarray) -> dict[str, float]:
     """Sample ``budget`` hard designs from the tuner's policy and score them: the oracle's ``budget`` queries,
-    and r_hat / g_hat of the same designs (drawn from the selection stream of ``run.seed``, apart from the
-    designs the evaluation scores)."""
+    their validity under ``reference`` (``sweep_reference``; D = ``reference_codes``), and r_hat / g_hat of the
+    same designs (drawn from the selection stream of ``run.seed``, apart from the designs the evaluation scores).
+    The trial's METRIC is the evaluation's selection score: the mean with each invalid design counted as the worst
+    offline design; ``oracle_mean`` is the plain mean."""
     policy = tuner.policy if tuner.device.type == "cpu" else copy.deepcopy(tuner.policy).cpu()
     # on the CPU: the same designs on any device
     codes, _ = sample_codes(policy, budget, budget, selection_seed(cfg.run.seed))
     oracle_scores = oracle.score(codes)
     assert oracle_scores.shape == (budget,)
+    valid = reference_check(reference, reference_codes, policy.backbone, policy.pretrained, cfg.run.seed)(codes)
+    selection = selection_scores(oracle_scores, valid, reference["worst_offline"])
     penalty = METHODS[method].penalty
     r_hat, g_hat = score(load_reward(run_dir, penalty, cfg.finetune.strength), codes, penalty)
-    return {METRIC: float(np.mean(oracle_scores)), "oracle_std": float(np.std(oracle_scores)),
+    return {METRIC: selection["selection_score"], "oracle_mean": selection["selection_score_raw"],
+            "valid_share": selection["selection_valid_share"], "oracle_std": float(np.std(oracle_scores)),
             "oracle_max": float(np.max(oracle_scores)), "oracle_queries": int(budget),
             "sample_r_hat": float(np.mean(r_hat)), "sample_g_hat": float(np.mean(g_hat)),
             "distinct": distinct(codes)}
@@ -126,7 +138,7 @@ def _train_in_trial(tuner: FineTuner, cfg: Config, reporter: TrialReporter, file
                  plateau=(ft.plateau_window, ft.plateau_tol))
 
 
-def run_trial(cfg: Config, base: Config, budget: int, reporter: TrialReporter,
+def run_trial(cfg: Config, base: Config, budget: int, reference: dict, reporter: TrialReporter,
               remote: RemoteFinetune | None = None) -> dict[str, float]:
     """Fine-tune ``cfg``'s one method on the base run's reward and pretrained model, in this process or with
     ``remote`` (Ray Train), then spend ``budget`` oracle queries on its final samples; returns the final report.
@@ -150,17 +162,18 @@ def run_trial(cfg: Config, base: Config, budget: int, reporter: TrialReporter,
         state, history = remote(cfg, job)
         tuner = build_finetuner(cfg, job, seed=cfg.run.seed)  # the trained weights, on the CPU
         tuner.policy.trainable.load_state_dict(state)
-    final = train_metrics(history[-1]) | spend_budget(tuner, cfg, job.run_dir, method, oracle, budget)
+    final = train_metrics(history[-1]) | spend_budget(tuner, cfg, job.run_dir, method, oracle, budget, reference,
+                                                      data.d.codes)
     final["device"] = tuner.device.type if remote is None else ("cuda" if cfg.ray.use_gpu else "cpu")  # of training
     final["finished_at"] = time.time()  # unix time the budget was spent: unchanged when a sweep resumes
     reporter.report(final, trainer_state_files(tuner, history) | {FINAL_FILE: json.dumps(final).encode()})
     return final
 
 
-def pretrained_reference(base: Config, budget: int) -> dict[str, float]:
+def pretrained_reference(base: Config, budget: int, reference: dict) -> dict[str, float]:
     """The same budget spent on the pretrained model (a fine-tuner at step 0), for the results' reference line."""
     data, oracle = load_upstream(base)
     method = base.finetune.methods[0]
     tuner = build_finetuner(base, FinetuneJob(RunDir(base.run.dir).uri, method, data.d.length), seed=base.run.seed)
-    return spend_budget(tuner, base, RunDir(base.run.dir).uri, method, oracle, budget) | {
+    return spend_budget(tuner, base, RunDir(base.run.dir).uri, method, oracle, budget, reference, data.d.codes) | {
         "best_offline_y": float(data.summary["best_offline_y"])}

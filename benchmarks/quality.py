@@ -39,6 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "quality_v2"
 PRESETS = {name: ROOT / "configs" / f"{name}.yaml"
            for name in ("tfbind8", "utr_mrl", "tfbind8_masked", "utr_mrl_masked")}
 UPSTREAM = ("data", "oracle", "reward", "pretrain", "baselines")  # baselines: DDOM's and CFG's conditional models
+SHARED = ("data", "oracle", "reward")  # the stages two backbones of one task can share (--share-upstream)
 LABELS = {name: m.label for name, m in METHODS.items()}
 
 log = logging.getLogger("quality")
@@ -98,14 +99,20 @@ def _copy_missing(src: Path, dst: Path) -> None:
 
 
 def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], overrides: list[str],
-             variant: str = "", runs: Path = ROOT / "runs" / "bench2") -> None:
+             variant: str = "", runs: Path = ROOT / "runs" / "bench2", share_from: str | None = None) -> None:
     """One seed's upstream stages, then each alpha's fine-tuning and evaluation in a run directory of its own
     (alpha<a>[-<variant>]; methods added later at an alpha already evaluated get alpha<a>[-<variant>]-<methods>, so
     a finished evaluation is never re-run or replaced). Without fine-tuned ``methods``, only the steering baselines' rows (they do not depend on
     alpha): one evaluation in steering-<baselines>.
     A ``variant`` (e.g. "K50" with --set finetune.k=50) writes its rows to <task>-<variant>.jsonl under the task
-    name <task>-<variant>, beside the preset's own rows, and reuses the seed's upstream stages."""
+    name <task>-<variant>, beside the preset's own rows, and reuses the seed's upstream stages. ``share_from``
+    (another task, e.g. utr_mrl for utr_mrl_masked) copies that task's finished SHARED stages of the same seed
+    first, so both backbones fine-tune on the same split, oracle and reward ensemble and their rows pair; a copied
+    stage made under another config is refused by the pipeline (a StageConflict naming the keys)."""
     seed_dir = runs / task / f"seed{seed}"
+    if share_from:
+        for stage in SHARED:
+            _copy_missing(runs / share_from / f"seed{seed}" / "upstream" / stage, seed_dir / "upstream" / stage)
     base = load_config(PRESETS[task], [f"run.dir={seed_dir / 'upstream'}", f"run.seed={seed}", "ray.num_workers=0",
                                        "tracking.progress=lines", *overrides])
     name = f"{task}-{variant}" if variant else task
@@ -460,6 +467,9 @@ def main() -> None:
     r.add_argument("--runs", default=str(ROOT / "runs" / "bench2"),
                    help="where the run directories live (a later run with the same --runs resumes their stages)")
     r.add_argument("--variant", default="", help="a name for these overrides: rows go to <task>-<variant>.jsonl")
+    r.add_argument("--share-upstream", default=None, choices=sorted(PRESETS), metavar="TASK",
+                   help="copy TASK's finished data, oracle and reward stages of each seed first (the other backbone "
+                        "of the same task), so the two backbones' rows pair")
     rs = sub.add_parser("reselect", help="rescore the selection of rows made before the validity-aware rule")
     rs.add_argument("--task", choices=sorted(PRESETS), required=True)
     rs.add_argument("--seeds", type=int, nargs="+", required=True)
@@ -471,7 +481,8 @@ def main() -> None:
     if args.cmd == "run":
         torch.set_num_threads(args.threads)
         for seed in args.seeds:
-            run_seed(args.task, seed, args.alphas, args.methods, args.overrides, args.variant, Path(args.runs))
+            run_seed(args.task, seed, args.alphas, args.methods, args.overrides, args.variant, Path(args.runs),
+                     args.share_upstream)
         return
     if args.cmd == "reselect":
         log.info("%d rows rescored", reselect(args.task, args.seeds, Path(args.runs)))

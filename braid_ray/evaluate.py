@@ -290,7 +290,7 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
     scores = {name: oracle.score(c) for name, c in {**codes, **references}.items()}
     started = time.perf_counter()
     stats = design_statistics({**codes, **references}, d.codes, elbo_fn)
-    log.info("validity statistics of %d designs: %.1f s", sum(len(v["entropy"]) for v in stats.values()),
+    log.info("validity statistics of %d designs: %.1f s", sum(len(st["entropy"]) for st in stats.values()),
              time.perf_counter() - started)
     extra["r_hat"], extra["g_hat"] = {}, {}
     for method in methods:

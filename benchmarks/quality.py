@@ -88,14 +88,13 @@ def _run_dir(seed_dir: Path, name: str) -> Path:
 def _copy_missing(src: Path, dst: Path) -> None:
     """Copy a finished stage folder that ``dst`` lacks; a folder of stages (baselines/<name>) is merged stage by
     stage, so a baseline trained upstream after a run directory was made is copied there, not retrained."""
-    if not src.exists() or (src / "stage.pending.json").exists():
+    if not src.is_dir() or (src / "stage.pending.json").exists():
         return
-    if not dst.exists():
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ray"))
-    elif src.is_dir() and not (src / "stage.json").exists():  # a folder of stages
+    if not (src / "stage.json").exists():  # a folder of stages: each finished one that dst lacks
         for child in src.iterdir():
-            if child.is_dir():
-                _copy_missing(child, dst / child.name)
+            _copy_missing(child, dst / child.name)
+    elif not dst.exists():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ray"))
 
 
 def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], overrides: list[str],
@@ -112,7 +111,13 @@ def run_seed(task: str, seed: int, alphas: list[float], methods: list[str], over
     seed_dir = runs / task / f"seed{seed}"
     if share_from:
         for stage in SHARED:
-            _copy_missing(runs / share_from / f"seed{seed}" / "upstream" / stage, seed_dir / "upstream" / stage)
+            src, dst = runs / share_from / f"seed{seed}" / "upstream" / stage, seed_dir / "upstream" / stage
+            _copy_missing(src, dst)
+            mine, theirs = (json.loads(p.read_text())["fingerprint"] if p.exists() else None
+                            for p in (dst / "stage.json", src / "stage.json"))
+            if mine != theirs:
+                log.warning("%s seed %d: stage %s is not %s's (%s against %s): the two backbones' rows do not pair",
+                            task, seed, stage, share_from, mine, theirs)
     base = load_config(PRESETS[task], [f"run.dir={seed_dir / 'upstream'}", f"run.seed={seed}", "ray.num_workers=0",
                                        "tracking.progress=lines", *overrides])
     name = f"{task}-{variant}" if variant else task
@@ -177,8 +182,10 @@ def _evaluate(base, run: Path, alpha: float, todo: list[str], out: Path, done: s
 def reselect(task: str, seeds: list[int], runs: Path) -> int:
     """Rows made before the validity-aware selection (no ``selection_rule``) whose run directories are still on
     disk: each fine-tuned method's selection designs (the same stream, so the same designs) rescored under the
-    validity rule its evaluation recorded (``rescore_selection``). The row gets the new ``selection_score`` with
-    ``selection_rule`` "valid", its old score kept as ``selection_score_raw``; nothing else in it changes. A row is
+    validity rule its evaluation recorded (``rescore_selection``). Only where the designs' plain mean reproduces the
+    row's old score (the same designs) does the row get the new ``selection_score`` with ``selection_rule`` "valid",
+    the old score kept as ``selection_score_raw``; nothing else in it changes. The steering baselines' rows are
+    left as they are (their settings would have to be chosen again): the report marks them. A row is
     matched by seed, method and its whole fine-tuning config. Returns the rows rescored."""
     from braid_ray.evaluate import rescore_selection
     from braid_ray.stages import data_stage, oracle_stage
@@ -205,8 +212,9 @@ def reselect(task: str, seeds: list[int], runs: Path) -> int:
                     continue
                 if abs(new["selection_score_raw"] - r["selection_score"]) > 1e-6:
                     log.warning("%s seed %d %s alpha %g: the selection designs' mean is %.6f now and %.6f in the row: "
-                                "other designs, so this score is of other draws", task, seed, r["method"], r["alpha"],
-                                new["selection_score_raw"], r["selection_score"])
+                                "other designs (another device or thread count?), so the row is left as it is",
+                                task, seed, r["method"], r["alpha"], new["selection_score_raw"], r["selection_score"])
+                    continue
                 r.update({**new, "selection_rule": "valid"})
                 changed += 1
                 log.info("%s seed %d %s alpha %g: selection score %.4f (plain mean %.4f, %.0f%% valid)", task, seed,
@@ -400,8 +408,10 @@ def _baselines_section(t: pd.DataFrame) -> list[str]:
         lines += ["", "Settings chosen by each baseline's own oracle budget (seed: setting, oracle queries spent):", ""]
         for label in steering:
             rows = t[(t["method"] == label) & t["setting"].notna()].sort_values("seed")
+            plain = (rows["selection_rule"] != "valid") if "selection_rule" in rows else [True] * len(rows)
             picks = "; ".join(f"{r.seed}: " + ", ".join(f"{k} {v:g}" for k, v in r.setting.items())
-                              + f" ({int(r.setting_queries)})" for r in rows.itertuples())
+                              + f" ({int(r.setting_queries)}{', by the plain mean' if p else ''})"
+                              for r, p in zip(rows.itertuples(), plain))
             lines.append(f"- {label}: {picks or '-'}")
     return lines
 

@@ -105,16 +105,18 @@ def selection_reference(cfg: Config, run: RunDir, data: DataResult, oracle: Orac
     backbone = build_backbone(cfg.diffusion, data.d.length, cfg.finetune.temperature, cfg.finetune.straight_through)
     v = validity_setup(cfg, data.d, backbone, load_pretrained(cfg, run.uri, data.d.length))
     off = oracle.score(data.d.codes[data.splits.off])
-    return {"rule": v.rule.to_dict(), "worst_offline": float(off.min()), "oracle_queries": int(off.size)}
+    return {"rule": v.rule.to_dict(), "seed": cfg.run.seed, "worst_offline": float(off.min()),
+            "oracle_queries": int(off.size)}
 
 
-def reference_check(reference: dict, reference_codes: np.ndarray, backbone: Backbone, pretrained: torch.nn.Module,
-                    seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    """``validity_check`` under a recorded rule (``selection_reference``, or an evaluation's metrics.json), its
-    ELBO limit applied with ``pretrained``'s ELBO as the evaluation computes it."""
+def reference_check(reference: dict, reference_codes: np.ndarray, backbone: Backbone, pretrained: torch.nn.Module
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """``validity_check`` under a recorded rule (``reference``: {"rule", "seed"}, from ``selection_reference`` or
+    an evaluation's metrics.json), its ELBO limit applied with ``pretrained``'s ELBO on the noise of the seed that
+    set the limit (the ELBO's sampled steps shift every estimate alike, so designs and D share them)."""
     rule = ValidityRule(**reference["rule"])
     elbo_fn = None if rule.min_elbo_nats is None else (
-        lambda c: elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=seed))
+        lambda c: elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=reference["seed"]))
     return validity_check(rule, reference_codes, elbo_fn)
 
 
@@ -174,7 +176,8 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
     trained = [f"baselines/{m}" for m in cfg.baselines.methods if BASELINES[m].kind == "conditional"]
     upstream = run.fingerprints(["data", "oracle", "reward", "pretrain", *(f"finetune/{m}" for m in methods),
                                  *trained])
-    # Without baselines the record is what it was before they existed, so earlier evaluations are reused.
+    # Without baselines the record has no baselines section. The selection rule is part of it: an evaluation made
+    # before the validity-aware selection (2026-12-04) is a conflict, not reused (run.overwrite=true replaces it).
     record = stage_record(cfg, ["eval", "baselines"] if cfg.baselines.methods else ["eval"], upstream,
                           methods=list(methods), selection=SELECTION_RULE)
 
@@ -201,7 +204,8 @@ def rescore_selection(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle
     metrics = run.stage("eval").read_json("metrics.json")
     backbone = build_backbone(cfg.diffusion, data.d.length, cfg.finetune.temperature, cfg.finetune.straight_through)
     pretrained = load_pretrained(cfg, run.uri, data.d.length)
-    valid = reference_check({"rule": metrics["validity_rule"]}, data.d.codes, backbone, pretrained, cfg.run.seed)
+    valid = reference_check({"rule": metrics["validity_rule"], "seed": cfg.run.seed}, data.d.codes, backbone,
+                            pretrained)
     select = selection_scorer(oracle, valid, metrics["worst_offline"])
     out = {}
     for method in [m for m in METHODS if label(m) in metrics["methods"]]:

@@ -51,7 +51,9 @@ def test_the_baselines_are_paired_with_each_method_at_its_selected_alpha() -> No
     assert "| DDOM | STRL | +0.020 |" in text and text.split("| DDOM | STRL |")[1].split("\n")[0].endswith("| 2 | 1 |")
     # DDOM minus BRAID-Boot: 0.72 - 0.6 and 0.82 - 1.0: mean -0.03.
     assert "| DDOM | BRAID-Boot | -0.030 |" in text
-    assert "- DDOM: 0: cfg_weight 3 (512); 1: cfg_weight 3 (512)" in text
+    assert "- DDOM: 0: cfg_weight 3 (512, by the plain mean); 1: cfg_weight 3 (512, by the plain mean)" in text
+    rows = _rows().assign(selection_rule="valid")  # settings chosen by the validity-aware score: no mark
+    assert "- DDOM: 0: cfg_weight 3 (512); 1: cfg_weight 3 (512)" in "\n".join(quality._baselines_section(rows))
 
 
 def test_without_selection_scores_the_report_says_so_instead_of_an_empty_table() -> None:
@@ -110,6 +112,9 @@ def test_a_run_directory_gets_the_finished_upstream_stages_it_lacks_and_no_unfin
         quality._copy_missing(up / stage, run / stage)
     assert (run / "data" / "stage.json").is_file() and not (run / "baselines" / "cfg").exists()
     assert (run / "baselines" / "ddom" / "stage.json").read_text() == '{"mine": 1}'  # never replaced
+    fresh = tmp_path / "alpha1"  # a new run directory: the folder of stages is merged too, never copied whole
+    quality._copy_missing(up / "baselines", fresh / "baselines")
+    assert (fresh / "baselines" / "ddom" / "stage.json").is_file() and not (fresh / "baselines" / "cfg").exists()
     (up / "baselines" / "cfg" / "stage.pending.json").rename(up / "baselines" / "cfg" / "stage.json")
     quality._copy_missing(up / "baselines", run / "baselines")
     assert (run / "baselines" / "cfg" / "stage.json").is_file()

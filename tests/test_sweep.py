@@ -208,6 +208,7 @@ def test_a_trial_queries_the_oracle_exactly_its_budget_and_never_twice(upstream:
 
     base = load_config(None, [f"run.dir={upstream}", *TINY])
     reference = trial.sweep_reference(base)  # the driver's, once per sweep: |D_off| queries of its own
+    assert reference["seed"] == base.run.seed  # every trial's ELBOs on the noise the rule's limit was set with
     monkeypatch.setattr(trial, "load_upstream", counted)
     cfg = trial_config(base.to_dict(), {"finetune.alpha": 0.01, "run.seed": 3})
     reporter = ListReporter()

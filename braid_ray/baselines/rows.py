@@ -4,7 +4,8 @@ settings, and the choice of a setting with an explicit oracle budget, as alpha i
 A baseline's sampler is built from the run directory's stages (the pretrained model, the reward ensemble, the
 conditional models of ``baselines/<name>``) and never sees the oracle. The oracle reaches a baseline only through
 ``choose``'s ``select`` function: ``queries`` designs per setting, drawn on the selection stream (apart from the
-evaluated designs), scored by their mean; the best setting is then sampled at the evaluation's seed and scored like
+evaluated designs), scored by ``select`` (the evaluation's selection score: their mean oracle score, each design the
+validity rule rejects counted as the worst offline design); the best setting is then sampled at the evaluation's seed and scored like
 every row. The budget spent is ``queries`` times the number of settings, and the report says so.
 """
 

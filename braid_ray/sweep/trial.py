@@ -77,7 +77,7 @@ def spend_budget(tuner: FineTuner, cfg: Config, run_dir: str, method: str, oracl
     codes, _ = sample_codes(policy, budget, budget, selection_seed(cfg.run.seed))
     oracle_scores = oracle.score(codes)
     assert oracle_scores.shape == (budget,)
-    valid = reference_check(reference, reference_codes, policy.backbone, policy.pretrained, cfg.run.seed)(codes)
+    valid = reference_check(reference, reference_codes, policy.backbone, policy.pretrained)(codes)
     selection = selection_scores(oracle_scores, valid, reference["worst_offline"])
     penalty = METHODS[method].penalty
     r_hat, g_hat = score(load_reward(run_dir, penalty, cfg.finetune.strength), codes, penalty)

@@ -102,8 +102,7 @@ def selection_reference(cfg: Config, run: RunDir, data: DataResult, oracle: Orac
     """What a sweep's trials judge their selection designs by, made once per sweep from its base run: the validity
     rule (as the evaluation makes it) and the oracle's worst offline design (|D_off| oracle queries, counted here,
     outside the trials' budgets)."""
-    backbone = build_backbone(cfg.diffusion, data.d.length, cfg.finetune.temperature, cfg.finetune.straight_through)
-    v = validity_setup(cfg, data.d, backbone, load_pretrained(cfg, run.uri, data.d.length))
+    v = validity_setup(cfg, data.d, *pretrained_models(cfg, run, data.d.length))
     off = oracle.score(data.d.codes[data.splits.off])
     return {"rule": v.rule.to_dict(), "seed": cfg.run.seed, "worst_offline": float(off.min()),
             "oracle_queries": int(off.size)}
@@ -118,6 +117,12 @@ def reference_check(reference: dict, reference_codes: np.ndarray, backbone: Back
     elbo_fn = None if rule.min_elbo_nats is None else (
         lambda c: elbo(backbone, pretrained, c, t_samples=ELBO_T_SAMPLES, seed=reference["seed"]))
     return validity_check(rule, reference_codes, elbo_fn)
+
+
+def pretrained_models(cfg: Config, run: RunDir, length: int) -> tuple[Backbone, torch.nn.Module]:
+    """The backbone (as fine-tuning built it) and the pretrained denoiser of ``run``, on the CPU."""
+    backbone = build_backbone(cfg.diffusion, length, cfg.finetune.temperature, cfg.finetune.straight_through)
+    return backbone, load_pretrained(cfg, run.uri, length)
 
 
 def baseline_queries(cfg: Config) -> int:
@@ -202,8 +207,7 @@ def rescore_selection(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle
     same selection designs (the same stream) and under the validity rule and worst offline design its metrics.json
     recorded: for evaluations made before the validity-aware selection; SELECTION_QUERIES oracle queries each."""
     metrics = run.stage("eval").read_json("metrics.json")
-    backbone = build_backbone(cfg.diffusion, data.d.length, cfg.finetune.temperature, cfg.finetune.straight_through)
-    pretrained = load_pretrained(cfg, run.uri, data.d.length)
+    backbone, pretrained = pretrained_models(cfg, run, data.d.length)
     valid = reference_check({"rule": metrics["validity_rule"], "seed": cfg.run.seed}, data.d.codes, backbone,
                             pretrained)
     select = selection_scorer(oracle, valid, metrics["worst_offline"])
@@ -261,8 +265,7 @@ def _evaluate(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, method
     reward = load_reward(run.uri, "none", cfg.finetune.strength)
     if cfg.eval.grad_ascent:
         codes[GRAD] = gradient_ascent(reward, codes["Offline (top)"], cfg.eval.grad_steps, cfg.eval.grad_lr)
-    backbone = build_backbone(cfg.diffusion, d.length, cfg.finetune.temperature, cfg.finetune.straight_through)
-    pretrained = load_pretrained(cfg, run.uri, d.length)
+    backbone, pretrained = pretrained_models(cfg, run, d.length)
     policy = FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization)
     extra: dict[str, dict[str, np.ndarray]] = {"onehot_distance": {}}
     codes["Pretrained"], extra["onehot_distance"]["Pretrained"] = sample_codes(policy, n, cfg.eval.batch_size,

@@ -7,7 +7,10 @@ then picks better designs than r_hat. Settings: the quantile q of D_off (``data.
 random subsample of D_off of n rows (the reward is built on the subsample; the oracle table stays complete),
 optionally measurement noise on D_off's labels (Gaussian, s standard deviations of D_off's y: the reward and the
 gradient ascent's starts see the noisy labels; the oracle and the best offline design stay exact), and the PBM
-table (``task.path``; the bundled SIX6_REF_R1 by default). Per setting and seed:
+table (``task.path``; the bundled SIX6_REF_R1 by default). A mutational scan (``wt<q>-r<radius>``) replaces the
+quantile split by the library a lab has around one known binder: D_off = every 8-mer within Hamming distance r of
+a wild type drawn per seed at the q-quantile of y, the case where r_hat must extrapolate from a local library and
+can overestimate off it. Per setting and seed:
 
 - the reward ensemble of the tfbind8 preset (``configs/tfbind8.yaml``: members, architecture, epochs, the
   same in every setting) is trained on D_off through the library (``reward_data``, ``train_in_process``,
@@ -26,7 +29,8 @@ added later. ``report`` writes the paired differences (conservative minus STRL, 
 CI over seeds to ``overoptimisation.md`` and ``overoptimisation.png``.
 
     .venv/bin/python benchmarks/overoptimisation.py run --seeds 0 1 2 \
-        --settings q0.1 q0.2 q0.3 q0.5 q0.5-n5000 q0.5-n1000 q0.5-n1000-s0.5 [--table PATH_TO_UNIPROBE_8MERS.txt]
+        --settings q0.1 q0.2 q0.3 q0.5 q0.5-n5000 q0.5-n1000 q0.5-n1000-s0.5 wt0.7-r2 \
+        [--table PATH_TO_UNIPROBE_8MERS.txt]
     .venv/bin/python benchmarks/overoptimisation.py report
 """
 
@@ -47,6 +51,7 @@ import torch
 
 from braid_ray.baselines.grad import gradient_ascent
 from braid_ray.config import Config, load_config
+from braid_ray.data.splits import scan_rows
 from braid_ray.eval.stats import bootstrap_ci, spearman
 from braid_ray.reward.conservative import ConservativeReward, checkpoint_extra
 from braid_ray.reward.fit import assemble, reward_data, score
@@ -73,32 +78,42 @@ log = logging.getLogger("overoptimisation")
 
 @dataclass(frozen=True)
 class Setting:
-    quantile: float  # D_off = the 8-mers below this quantile of y (data.quantile)
+    """One way to make the offline data poorer. Either a quantile split (D_off = the 8-mers below the quantile
+    of y, ``data.quantile``) or a mutational scan (``radius`` set: D_off = every 8-mer within Hamming distance
+    ``radius`` of a wild type drawn at the ``quantile`` of y, the library a lab has around one known binder)."""
+
+    quantile: float  # quantile split: D_off's quantile of y; scan: the wild type's quantile of y
     rows: int | None  # random subsample of D_off the reward is built on; None = all of D_off
     table: str = "SIX6_REF_R1"  # PBM table name (file stem without _8mers)
     noise: float = 0.0  # label noise on D_off: Gaussian, this many standard deviations of D_off's y; 0 = none
+    radius: int | None = None  # mutational scan: D_off = the Hamming ball of this radius around the wild type
 
     @property
     def name(self) -> str:
-        return (f"{self.table} q={self.quantile:g}" + (f" n={self.rows}" if self.rows else "")
+        head = f"q={self.quantile:g}" if self.radius is None else f"wt={self.quantile:g} r={self.radius}"
+        return (f"{self.table} {head}" + (f" n={self.rows}" if self.rows else "")
                 + (f" s={self.noise:g}" if self.noise else ""))
 
     @property
     def short(self) -> str:
         rows = "" if not self.rows else f" n={self.rows // 1000}k" if self.rows % 1000 == 0 else f" n={self.rows}"
-        return f"q{self.quantile:g}{rows}" + (f" s={self.noise:g}" if self.noise else "")
+        head = f"q{self.quantile:g}" if self.radius is None else f"wt{self.quantile:g} r{self.radius}"
+        return f"{head}{rows}" + (f" s={self.noise:g}" if self.noise else "")
 
 
 def parse_setting(text: str, table: str = "SIX6_REF_R1") -> Setting:
-    """``q0.5``, ``q0.5-n1000`` or ``q0.5-n1000-s0.5`` -> Setting; anything else is a ValueError naming the
-    expected form."""
-    m = re.fullmatch(r"q(0?\.\d+)(?:-n(\d+))?(?:-s(\d*\.?\d+))?", text)
-    if (not m or not 0 < float(m.group(1)) < 1 or (m.group(2) is not None and int(m.group(2)) < 10)
-            or (m.group(3) is not None and not float(m.group(3)) > 0)):
-        raise ValueError(f"setting {text!r}: expected q<quantile in (0, 1)>[-n<rows >= 10>][-s<label noise > 0, in "
-                         "standard deviations of y>], e.g. q0.2, q0.5-n1000 or q0.5-n1000-s0.5")
-    return Setting(float(m.group(1)), int(m.group(2)) if m.group(2) else None, table,
-                   float(m.group(3)) if m.group(3) else 0.0)
+    """``q0.5``, ``q0.5-n1000``, ``q0.5-n1000-s0.5`` or a mutational scan ``wt0.7-r2[-n..][-s..]`` -> Setting;
+    anything else is a ValueError naming the expected form."""
+    m = re.fullmatch(r"(?:q(0?\.\d+)|wt(0?\.\d+)-r(\d))(?:-n(\d+))?(?:-s(\d*\.?\d+))?", text)
+    quantile = None if not m else float(m.group(1) or m.group(2))
+    if (not m or not 0 < quantile < 1 or (m.group(3) is not None and not 1 <= int(m.group(3)) <= 7)
+            or (m.group(4) is not None and int(m.group(4)) < 10)
+            or (m.group(5) is not None and not float(m.group(5)) > 0)):
+        raise ValueError(f"setting {text!r}: expected q<quantile in (0, 1)> or wt<wild type's quantile in (0, 1)>"
+                         "-r<Hamming radius 1-7>, then [-n<rows >= 10>][-s<label noise > 0, in standard deviations "
+                         "of y>], e.g. q0.2, q0.5-n1000, q0.5-n1000-s0.5 or wt0.7-r2")
+    return Setting(quantile, int(m.group(4)) if m.group(4) else None, table,
+                   float(m.group(5)) if m.group(5) else 0.0, int(m.group(3)) if m.group(3) else None)
 
 
 def table_name(path: str | None) -> str:
@@ -187,8 +202,12 @@ class PenalisedObjective:
 
 
 def config(setting: Setting, seed: int, table: str | None) -> Config:
-    run_dir = RUNS / f"{setting.table}-q{setting.quantile:g}-seed{seed}"
-    overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"data.quantile={setting.quantile}"]
+    if setting.radius is None:
+        run_dir = RUNS / f"{setting.table}-q{setting.quantile:g}-seed{seed}"
+        overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"data.quantile={setting.quantile}"]
+    else:  # the scan ignores the quantile split; the preset's stays
+        run_dir = RUNS / f"{setting.table}-wt{setting.quantile:g}-r{setting.radius}-seed{seed}"
+        overrides = [f"run.dir={run_dir}", f"run.seed={seed}"]
     if table is not None:
         overrides.append(f"task.path={table}")
     return load_config(PRESET, overrides)
@@ -224,20 +243,28 @@ def run_one(setting: Setting, seed: int, table: str | None, todo: set[tuple], ou
     run = RunDir(cfg.run.dir)
     data = data_stage(cfg, run)
     y = oracle_stage(cfg, run, data).score(all_8mers())
-    off = data.splits.off[subsample(data.splits.off.size, setting.rows, seed)]
+    scan = {}
+    if setting.radius is None:
+        pool = data.splits.off  # the rows below the quantile
+    else:
+        pool, wild_type = scan_rows(data.d.codes, data.d.y, setting.quantile, setting.radius, seed)
+        scan = {"radius": setting.radius, "wild_type": "".join("ACGT"[c] for c in data.d.codes[wild_type]),
+                "wild_type_y": float(data.d.y[wild_type])}
+    off = pool[subsample(pool.size, setting.rows, seed)]
     codes_off, y_off = data.d.codes[off], data.d.y[off]
     y_seen = noisy_labels(y_off, setting.noise, seed)  # what the reward and Grad.'s starts see; the oracle stays exact
     in_off = np.zeros(4**8, dtype=bool)
     in_off[base4_index(codes_off)] = True  # the labelled rows the method sees (the subsample, when there is one)
-    below_q = np.zeros(4**8, dtype=bool)
-    below_q[base4_index(data.d.codes[data.splits.off])] = True
+    below_q = np.zeros(4**8, dtype=bool)  # the pool D_off was drawn from: below the quantile, or the scan's ball
+    below_q[base4_index(data.d.codes[pool])] = True
     best_offline = float(y_off.max())
 
     start = time.perf_counter()
     reward, extra = fit_reward(cfg, codes_off, y_seen, setting.rows, setting.noise)
     members = extra["members"]
     common = {"setting": setting.name, "short": setting.short, "table": setting.table, "quantile": setting.quantile,
-              "rows": setting.rows, "noise": setting.noise, "seed": seed, "n_off": int(len(off)), "n_below_q": int(data.splits.off.size),
+              "rows": setting.rows, "noise": setting.noise, "seed": seed, "n_off": int(len(off)),
+              "n_below_q": int(pool.size), **scan,
               "threshold": float(data.splits.threshold), "best_offline_y": best_offline, "oracle_max": float(y.max()),
               "best_measured_y": float(y_off[np.argmax(y_seen)]),  # the oracle's y of the row measured best
               "reward_train_s": round(float(extra["train_seconds"]), 1),
@@ -319,7 +346,9 @@ def setting_order(df: pd.DataFrame) -> list[str]:
     first = df.drop_duplicates("setting").copy()
     first["n"] = first["rows"].fillna(10**9)
     first["s"] = first["noise"].fillna(0.0) if "noise" in first else 0.0
-    return first.sort_values(["table", "quantile", "n", "s"], ascending=[True, True, False, True])["setting"].tolist()
+    first["r"] = first["radius"].fillna(0) if "radius" in first else 0  # quantile splits first, then the scans
+    return first.sort_values(["table", "r", "quantile", "n", "s"],
+                             ascending=[True, True, True, False, True])["setting"].tolist()
 
 
 def diff_summary(p: pd.DataFrame) -> pd.DataFrame:
@@ -376,23 +405,27 @@ def report(df: pd.DataFrame, command: str) -> str:
              "so a single mark is weak evidence); W/T/L = seeds where the method's value is above / equal to / "
              "below STRL's (a W or L "
              "shown as +0.000 / -0.000 is a difference below 0.0005); **+** / **-** = CI entirely above / below 0 "
-             "(marked only with >= 3 seeds). Settings: q = D_off's quantile of y, n = D_off subsampled to n rows, "
-             "s = Gaussian noise of s standard deviations of y on D_off's labels (the oracle stays exact).",
+             "(marked only with >= 3 seeds). Settings: q = D_off's quantile of y; wt r = a mutational scan, D_off = "
+             "every 8-mer within Hamming distance r of a wild type drawn (per seed) at the wt-quantile of y; n = "
+             "D_off subsampled to n rows; s = Gaussian noise of s standard deviations of y on D_off's labels (the "
+             "oracle stays exact).",
              ""]
 
     lines += ["### The settings and STRL's optimum", "",
-              "| setting | seeds | D_off rows | best offline y | STRL: oracle of argmax r_hat | STRL: top-64 median | "
+              "| setting | seeds | D_off rows | wild type y | best offline y | STRL: oracle of argmax r_hat | "
+              "STRL: top-64 median | "
               "STRL: top-640 median | seeds with STRL's argmax / top-64 median below the best offline y | "
               "Spearman(r_hat, y), all 8-mers | mean r_hat - y over STRL's top 640 | member epochs | "
               "Grad. (r_hat) median |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for setting in order:
         g = df[df["setting"] == setting]
         s = g[g["method"] == STRL]
         gr = g[g["method"] == GRAD]
         bad = (f"{int((s['argmax_oracle'] < s['best_offline_y']).sum())} / "
                f"{int((s['top64_median'] < s['best_offline_y']).sum())} of {len(s)}")
-        lines.append(f"| {setting} | {len(s)} | {int(s['n_off'].iloc[0])} | {_pm(s['best_offline_y'])} | "
+        wild = _pm(s["wild_type_y"]) if "wild_type_y" in s and s["wild_type_y"].notna().all() else "-"
+        lines.append(f"| {setting} | {len(s)} | {int(s['n_off'].iloc[0])} | {wild} | {_pm(s['best_offline_y'])} | "
                      f"{_pm(s['argmax_oracle'])} | "
                      f"{_pm(s['top64_median'])} | {_pm(s['top640_median'])} | {bad} | "
                      f"{_pm(s['spearman_all'])} | {s['top640_mean_r_hat_minus_oracle'].mean():+.3f} | "

@@ -68,6 +68,11 @@ class TaskConfig:
 class DataConfig:
     oracle_fraction: float | None = None  # share of D held out as D_ora, in [0, 1); None = task default
     quantile: float | None = None  # D_off = D_0 rows with y below this quantile, in (0, 1); None = task default
+    # A mutational scan instead of the quantile split (a benchmark where the reward must extrapolate from a local
+    # library): D_off = the D_0 rows within this Hamming distance of a wild type; null = the quantile split.
+    scan_radius: int | None = None
+    # The scan's wild type, a sequence of D_0; null = a seeded draw among D_0's rows at data.quantile of y.
+    wild_type: str | None = None
 
 
 @dataclass
@@ -464,6 +469,15 @@ def validate(cfg: Config) -> None:
         _check(0.0 <= d.oracle_fraction < 1.0, "data.oracle_fraction", d.oracle_fraction, "a fraction in [0, 1)")
     if d.quantile is not None:
         _check(0.0 < d.quantile < 1.0, "data.quantile", d.quantile, "a quantile strictly between 0 and 1")
+    if d.scan_radius is not None:
+        _check(isinstance(d.scan_radius, int) and d.scan_radius >= 1, "data.scan_radius", d.scan_radius,
+               "a Hamming distance >= 1, or null (the quantile split)")
+        _check(cfg.domain == "sequence", "data.scan_radius", d.scan_radius, "null for domain: image (a scan is a "
+               "sequence benchmark)")
+    if d.wild_type is not None:
+        _check(d.scan_radius is not None, "data.wild_type", d.wild_type, "null unless data.scan_radius is set")
+        _check(bool(d.wild_type) and set(d.wild_type.upper()) <= set("ACGTU"), "data.wild_type", d.wild_type,
+               "a sequence of A, C, G, T (or U)")
     o = cfg.oracle
     if o.kind is not None:
         _check(o.kind in ORACLE_NAMES, "oracle.kind", o.kind, f"one of {sorted(ORACLE_NAMES)} or null (task default)")

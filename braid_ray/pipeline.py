@@ -131,10 +131,10 @@ def check(cfg: Config) -> str:
     the run directory holds and what the run would need; trains nothing and writes nothing."""
     import math
 
-    from braid_ray.data.splits import check_offline, offline_splits, summarize
+    from braid_ray.data.splits import check_offline, summarize
     from braid_ray.data.tables import check_file
     from braid_ray.data.tasks import get_task
-    from braid_ray.stages import _resolved_data
+    from braid_ray.stages import _resolved_data, make_splits
 
     lines = [f"config      valid ({cfg.domain} domain)"]
     run_dir = RunDir(cfg.run.dir)
@@ -144,13 +144,12 @@ def check(cfg: Config) -> str:
             check_file(path)
         d = task.load()
         params = _resolved_data(cfg, task)
-        splits = offline_splits(d, params["oracle_fraction"], params["quantile"], cfg.run.seed)
+        splits = make_splits(cfg, d, params)
         check_offline(d, splits, trained_oracle=(cfg.oracle.kind or task.default_oracle) == "trained_cnn")
         rows = summarize(d, splits)["rows"]
         lines += [f"task        {task.name}: {task.description}",
                   f"rows        D {rows['D']:,} | D_ora {rows['D_ora']:,} | D_0 {rows['D_0']:,} | D_off {rows['D_off']:,}"
-                  f" (sequences of {d.length} letters; D_off = D_0 below its {params['quantile']} quantile, "
-                  f"y < {splits.threshold:.4g})"]
+                  f" (sequences of {d.length} letters; D_off = {splits.rule})"]
         df, ft = cfg.diffusion, cfg.finetune
         lines += ["work        reward: {} members x at most {} epochs over {:,} rows".format(
                       cfg.reward.members, cfg.reward.epochs, rows["D_off"]),
@@ -213,7 +212,8 @@ def format_summary(summary: dict) -> str:
         f"task        {d['task']}: {d['description']}",
         f"run dir     {summary['run_dir']}",
         f"rows        D {rows['D']:,} | D_ora {rows['D_ora']:,} | D_0 {rows['D_0']:,} | D_off {rows['D_off']:,}",
-        f"D_off       y < {d['threshold']:.4g} (the {d['quantile']:.2f} quantile of y over D_0)",
+        f"D_off       " + d.get("offline_rule", f"y < {d['threshold']:.4g} (the {d['quantile']:.2f} quantile of y "
+                                                 "over D_0)") + (f": {d['wild_type']}" if "wild_type" in d else ""),
         f"best D_off  y = {d['best_offline_y']:.4g}, percentile {d['best_offline_percentile']:.1f} of D",
         f"y over D    min {d['y_full']['min']:.4g} | median {d['y_full']['median']:.4g} | "
         f"max {d['y_full']['max']:.4g}",
@@ -221,7 +221,7 @@ def format_summary(summary: dict) -> str:
     if "oracle" in summary:
         lines.append(f"oracle      {summary['oracle']['kind']}: {_oracle_quality(summary['oracle'])}")
     if "reward" in summary:
-        lines += ["", "reward calibration (in = held-out D_off rows; ood = D_0 rows above the offline quantile):",
+        lines += ["", "reward calibration (in = held-out D_off rows; ood = D_0 rows outside D_off):",
                   calibration_markdown(summary["reward"])]
     if "eval" in summary:
         lines += ["", f"designs scored by the oracle (report: {summary['run_dir']}/eval/report.md):", summary["eval"]]

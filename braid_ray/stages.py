@@ -56,7 +56,16 @@ class DataResult:
 def _resolved_data(cfg: Config, task: Task) -> dict:
     q = cfg.data.quantile if cfg.data.quantile is not None else task.default_quantile
     f = cfg.data.oracle_fraction if cfg.data.oracle_fraction is not None else task.default_oracle_fraction
-    return {"quantile": q, "oracle_fraction": f}
+    scan = {} if cfg.data.scan_radius is None else {"scan_radius": cfg.data.scan_radius,
+                                                     "wild_type": cfg.data.wild_type}
+    return {"quantile": q, "oracle_fraction": f, **scan}  # a quantile split's record is what it always was
+
+
+def make_splits(cfg: Config, d: Labelled, params: dict) -> Splits:
+    """The data section's split of D: the quantile split, or the mutational scan."""
+    wild_type = params.get("wild_type")
+    return offline_splits(d, params["oracle_fraction"], params["quantile"], cfg.run.seed, params.get("scan_radius"),
+                          None if wild_type is None else encode_strings([wild_type])[0])
 
 
 def data_stage(cfg: Config, run: RunDir) -> DataResult:
@@ -77,13 +86,13 @@ def data_stage(cfg: Config, run: RunDir) -> DataResult:
         summary = stage.read_json("summary.json")
         splits = Splits(np.flatnonzero(split == "ora"), np.flatnonzero(split != "ora"),
                         np.flatnonzero(split == "off"), summary["threshold"], params["quantile"],
-                        params["oracle_fraction"])
+                        params["oracle_fraction"], summary.get("scan_radius"), summary.get("wild_type_row"))
         return DataResult(task, d, splits, summary, fingerprint(record))
 
     def make() -> DataResult:
         log.info("data: reading %s", task.description)
         d = task.load()
-        splits = offline_splits(d, params["oracle_fraction"], params["quantile"], cfg.run.seed)
+        splits = make_splits(cfg, d, params)
         check_offline(d, splits, trained_oracle=(cfg.oracle.kind or task.default_oracle) == "trained_cnn")
         summary = {"task": task.name, "description": task.description, **summarize(d, splits)}
         split = np.full(len(d), "above", dtype=object)

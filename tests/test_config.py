@@ -46,6 +46,8 @@ def test_overrides_parse_yaml_values_and_win_over_the_file() -> None:
     ("oracle.epochs=0", "oracle.epochs: got 0, expected an integer >= 1"),
     ("data=3", "data: got 3, expected a mapping of keys"),
     ("data.quantile", "expected key=value"),
+    ("data.scan_radius=0", "data.scan_radius: got 0, expected a Hamming distance >= 1"),
+    ("data.wild_type=ACGT", "data.wild_type: got 'ACGT', expected null unless data.scan_radius is set"),
 ])
 def test_bad_keys_and_values_name_the_key_value_and_expected_form(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=None) as err:

@@ -32,6 +32,34 @@ def test_parse_setting_and_names() -> None:
         with pytest.raises(ValueError, match="expected q"):
             oo.parse_setting(bad)
     assert oo.table_name("/data/PBX4_REF_R2_8mers.txt.gz") == "PBX4_REF_R2"
+    scan = oo.parse_setting("wt0.7-r2-n100-s0.5")
+    assert (scan.quantile, scan.radius, scan.rows, scan.noise) == (0.7, 2, 100, 0.5)
+    assert scan.name == "SIX6_REF_R1 wt=0.7 r=2 n=100 s=0.5" and scan.short == "wt0.7 r2 n=100 s=0.5"
+    assert oo.parse_setting("q0.5").radius is None
+    for bad in ("wt0.7", "wt1.2-r2", "wt0.7-r0", "wt0.7-r8", "r2", "q0.5-r2"):
+        with pytest.raises(ValueError, match="wt<wild type"):
+            oo.parse_setting(bad)
+
+
+def test_scan_is_the_hamming_ball_around_a_seeded_wild_type_at_the_quantile() -> None:
+    from math import comb
+
+    codes = oo.all_8mers()
+    y = np.random.default_rng(0).random(len(codes))
+    ball, wt = oo.scan_rows(codes, y, 0.7, 2, seed=3)
+    assert ball.size == sum(comb(8, k) * 3**k for k in range(3))  # 1 + 24 + 252
+    assert wt in ball and np.all(np.diff(ball) > 0)
+    assert np.all((codes[ball] != codes[wt]).sum(axis=1) <= 2)
+    assert ((codes != codes[wt]).sum(axis=1) <= 2).sum() == ball.size  # every row of the ball, nothing else
+    assert abs((y < y[wt]).mean() - 0.7) <= 0.0051  # drawn at the quantile
+    assert oo.scan_rows(codes, y, 0.7, 1, seed=3)[1] == wt  # the same wild type for every radius
+    assert oo.scan_rows(codes, y, 0.7, 2, seed=4)[1] != wt
+
+
+def test_setting_order_puts_scans_after_the_quantile_splits() -> None:
+    df = pd.DataFrame({"setting": ["scan", "q"], "table": ["T"] * 2, "quantile": [0.1, 0.5],
+                       "rows": [None, None], "noise": [0.0, 0.0], "radius": [2, None]})
+    assert oo.setting_order(df) == ["q", "scan"]
 
 
 def test_label_noise_is_seeded_scaled_by_the_labels_std_and_absent_at_zero() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from braid_ray.data.splits import offline_splits, summarize
+from braid_ray.data.splits import check_offline, offline_splits, summarize
 from braid_ray.data.tables import Labelled
 
 
@@ -51,3 +51,57 @@ def test_degenerate_quantile_is_a_clear_error() -> None:
     ties = Labelled(np.zeros((10, 4), np.int8), np.r_[np.ones(9), 2.0], "ties.csv")  # the median is the lowest y
     with pytest.raises(ValueError, match="ties.csv: no row of D_0 lies below the 0.5 quantile"):
         offline_splits(ties, 0.0, 0.5, 0)
+
+
+def test_scan_is_the_hamming_ball_of_d0_around_a_wild_type_at_the_quantile() -> None:
+    d = _data(n=20_000)
+    s = offline_splits(d, 0.3, 0.7, seed=2, scan_radius=3)
+    assert s.scan_radius == 3 and np.isin(s.wild_type, s.zero)
+    distance = (d.codes != d.codes[s.wild_type]).sum(axis=1)
+    np.testing.assert_array_equal(s.off, np.intersect1d(s.zero, np.flatnonzero(distance <= 3)))  # all of D_0's ball
+    assert s.threshold == d.y[s.wild_type]
+    assert abs(np.mean(d.y[s.zero] < d.y[s.wild_type]) - 0.7) < 0.01  # drawn at the quantile of D_0's y
+    again, wider, other = (offline_splits(d, 0.3, 0.7, seed, scan_radius=r) for seed, r in ((2, 3), (2, 4), (3, 3)))
+    np.testing.assert_array_equal(again.off, s.off)
+    assert wider.wild_type == s.wild_type and np.isin(s.off, wider.off).all()  # the same wild type at every radius
+    assert other.wild_type != s.wild_type
+    summary = summarize(d, s)
+    assert summary["scan_radius"] == 3 and summary["wild_type_row"] == s.wild_type
+    assert "Hamming distance 3" in summary["offline_rule"] and summary["rows"]["D_off"] == s.off.size
+
+
+def test_scan_around_a_given_wild_type_and_its_errors() -> None:
+    d = _data(n=2000)
+    s = offline_splits(d, 0.5, 0.5, seed=0, scan_radius=9)
+    row = int(s.zero[5])
+    given = offline_splits(d, 0.5, 0.5, seed=0, scan_radius=9, wild_type=d.codes[row])
+    assert given.wild_type == row and np.isin(given.off, given.zero).all()
+    with pytest.raises(ValueError, match="synthetic: data.wild_type is in D_ora"):
+        offline_splits(d, 0.5, 0.5, seed=0, scan_radius=2, wild_type=d.codes[s.ora[0]])
+    with pytest.raises(ValueError, match="data.wild_type has 3 letters, the sequences 10"):
+        offline_splits(d, 0.5, 0.5, seed=0, scan_radius=2, wild_type=np.zeros(3, np.int8))
+    tiny = offline_splits(d, 0.0, 0.5, seed=0, scan_radius=1)  # about 1 + 30 / 1024 * 2000 rows: too few
+    with pytest.raises(ValueError, match="D_off has .* within Hamming distance 1 .* raise data.scan_radius"):
+        check_offline(d, tiny, trained_oracle=False)
+
+
+def test_the_data_stage_writes_the_scan_and_keeps_the_quantile_record(tmp_path) -> None:
+    from pathlib import Path
+
+    from braid_ray.config import load_config
+    from braid_ray.rundir import RunDir
+    from braid_ray.stages import _resolved_data, data_stage
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "tfbind8.yaml"
+    cfg = load_config(preset, [f"run.dir={tmp_path}", "data.scan_radius=2", "data.wild_type=TGATACCT"])
+    data = data_stage(cfg, RunDir(cfg.run.dir))
+    wild = data.d.codes[data.splits.wild_type]
+    assert "".join("ACGT"[c] for c in wild) == "TGATACCT" and data.splits.off.size == 1 + 24 + 252
+    assert np.all((data.d.codes[data.splits.off] != wild).sum(axis=1) <= 2)
+    assert data.summary["offline_rule"].startswith("D_0 within Hamming distance 2 of the wild type")
+    assert data.summary["wild_type"] == "TGATACCT"
+    again = data_stage(cfg, RunDir(cfg.run.dir))  # reused from the stage, with the same scan
+    np.testing.assert_array_equal(again.splits.off, data.splits.off)
+    assert again.splits.wild_type == data.splits.wild_type and again.splits.rule == data.splits.rule
+    plain = load_config(preset, [f"run.dir={tmp_path}"])  # run directories made before scans existed are reused
+    assert set(_resolved_data(plain, data.task)) == {"quantile", "oracle_fraction"}

@@ -1,4 +1,5 @@
-"""The paper's offline protocol (section 7.1): D -> D_ora | D_0, and D_off = rows of D_0 below a quantile of y."""
+"""The paper's offline protocol (section 7.1): D -> D_ora | D_0, and D_off = rows of D_0 below a quantile of y;
+or, as a harder benchmark, a mutational scan: D_off = the rows of D_0 within a Hamming distance of one wild type."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from braid_ray.data.encoding import decode
 from braid_ray.data.tables import Labelled
 
 log = logging.getLogger(__name__)
@@ -19,14 +21,25 @@ FEW_VALUES = 10  # labels with at most this many distinct values are reported (s
 
 @dataclass
 class Splits:
-    """Row indices into D for each split, plus the quantile threshold that defines D_off."""
+    """Row indices into D for each split, plus what defines D_off: the quantile threshold, or the scan's wild
+    type and radius."""
 
     ora: np.ndarray  # D_ora: held out for the oracle (may be empty where an exact/pretrained oracle exists)
     zero: np.ndarray  # D_0 = D \\ D_ora
-    off: np.ndarray  # D_off: rows of D_0 with y < threshold; the only labels the method ever sees
-    threshold: float  # the q-quantile of y over D_0
+    off: np.ndarray  # D_off: rows of D_0 with y < threshold (or in the scan); the only labels the method ever sees
+    threshold: float  # the q-quantile of y over D_0 (a scan: its wild type's y)
     quantile: float
     oracle_fraction: float
+    scan_radius: int | None = None  # a mutational scan: D_off = D_0 rows within this Hamming distance of ...
+    wild_type: int | None = None  # ... this row of D; None = the quantile split
+
+    @property
+    def rule(self) -> str:
+        """D_off's definition, in words."""
+        if self.scan_radius is None:
+            return f"D_0 below its {self.quantile:g} quantile, y < {self.threshold:.4g}"
+        return (f"D_0 within Hamming distance {self.scan_radius} of the wild type (row {self.wild_type}, "
+                f"y = {self.threshold:.4g})")
 
 
 def below_quantile(y: np.ndarray, quantile: float, source: str, rows: str = "D") -> tuple[np.ndarray, float]:
@@ -45,8 +58,24 @@ def below_quantile(y: np.ndarray, quantile: float, source: str, rows: str = "D")
     return below, threshold
 
 
-def offline_splits(d: Labelled, oracle_fraction: float, quantile: float, seed: int) -> Splits:
-    """Seeded random D_ora / D_0 split, then D_off = {i in D_0 : y_i < quantile_q(y over D_0)}."""
+def scan_rows(codes: np.ndarray, y: np.ndarray, quantile: float, radius: int, seed: int,
+              wild_type: int | None = None) -> tuple[np.ndarray, int]:
+    """A mutational scan over rows (codes (N, L), y (N,)): the wild type (given, or drawn, seeded and the same
+    for every radius, among the rows whose rank in y lies within 0.005 of ``quantile``) and the sorted indices of
+    every row within Hamming distance ``radius`` of it."""
+    if wild_type is None:
+        rank = np.argsort(np.argsort(y, kind="stable"), kind="stable") / max(len(y) - 1, 1)
+        near = np.flatnonzero(np.abs(rank - quantile) <= 0.005)
+        wild_type = int(np.random.default_rng([seed, round(quantile * 10_000), 11]).choice(near))
+    ball = np.flatnonzero((codes != codes[wild_type]).sum(axis=1) <= radius)
+    return ball, wild_type
+
+
+def offline_splits(d: Labelled, oracle_fraction: float, quantile: float, seed: int,
+                   scan_radius: int | None = None, wild_type: np.ndarray | None = None) -> Splits:
+    """Seeded random D_ora / D_0 split, then D_off = {i in D_0 : y_i < quantile_q(y over D_0)}; or, with
+    ``scan_radius``, D_off = the rows of D_0 within that Hamming distance of a wild type: the sequence
+    ``wild_type`` (codes (L,), a row of D_0), or a seeded draw among D_0's rows at ``quantile`` of y."""
     if not 0.0 <= oracle_fraction < 1.0:
         raise ValueError(f"oracle_fraction must be in [0, 1), got {oracle_fraction}")
     n = len(d)
@@ -55,9 +84,23 @@ def offline_splits(d: Labelled, oracle_fraction: float, quantile: float, seed: i
     ora, zero = np.sort(perm[:n_ora]), np.sort(perm[n_ora:])
     if zero.size == 0:
         raise ValueError(f"{d.source}: D_0 is empty with oracle_fraction={oracle_fraction} on {n} rows")
-    below, threshold = below_quantile(d.y[zero], quantile, d.source, "D_0")
-    off = zero[below]
-    return Splits(ora, zero, off, threshold, quantile, oracle_fraction)
+    if scan_radius is None:
+        below, threshold = below_quantile(d.y[zero], quantile, d.source, "D_0")
+        return Splits(ora, zero, zero[below], threshold, quantile, oracle_fraction)
+    given = None
+    if wild_type is not None:
+        wild_type = np.asarray(wild_type)
+        if wild_type.shape != (d.length,):
+            raise ValueError(f"{d.source}: data.wild_type has {wild_type.size} letters, the sequences {d.length}")
+        match = np.flatnonzero((d.codes[zero] == wild_type).all(axis=1))
+        if not match.size:
+            where = "in D_ora" if (d.codes[ora] == wild_type).all(axis=1).any() else "not in the table"
+            raise ValueError(f"{d.source}: data.wild_type is {where}; a scan's wild type must be a measured row of "
+                             "D_0 (give a sequence of the table, or lower data.oracle_fraction)")
+        given = int(match[0])
+    ball, centre = scan_rows(d.codes[zero], d.y[zero], quantile, scan_radius, seed, given)
+    return Splits(ora, zero, zero[ball], float(d.y[zero[centre]]), quantile, oracle_fraction, scan_radius,
+                  int(zero[centre]))
 
 
 def check_offline(d: Labelled, s: Splits, trained_oracle: bool) -> None:
@@ -69,9 +112,10 @@ def check_offline(d: Labelled, s: Splits, trained_oracle: bool) -> None:
         raise ValueError(f"{d.source}: the sequences have {d.length} letter(s), too short to design (at least "
                          f"{MIN_LENGTH}); check the sequence column and task.length")
     if s.off.size < MIN_OFFLINE_ROWS:
-        raise ValueError(f"{d.source}: D_off has {s.off.size} row(s) (D_0 below its {s.quantile} quantile); the "
-                         f"reward ensemble needs at least {MIN_OFFLINE_ROWS} (its held-out rows and bootstrap "
-                         "resamples): give a larger table or raise data.quantile")
+        fix = "raise data.quantile" if s.scan_radius is None else "raise data.scan_radius"
+        raise ValueError(f"{d.source}: D_off has {s.off.size} row(s) ({s.rule}); the reward ensemble needs at "
+                         f"least {MIN_OFFLINE_ROWS} (its held-out rows and bootstrap resamples): give a larger "
+                         f"table or {fix}")
     if trained_oracle and s.ora.size < MIN_ORACLE_ROWS:
         raise ValueError(f"{d.source}: D_ora has {s.ora.size} row(s); an oracle trained on them needs at least "
                          f"{MIN_ORACLE_ROWS}: raise data.oracle_fraction or give a larger table")
@@ -98,6 +142,9 @@ def summarize(d: Labelled, s: Splits) -> dict:
         "quantile": s.quantile,
         "oracle_fraction": s.oracle_fraction,
         "threshold": s.threshold,
+        "offline_rule": s.rule,
+        **({} if s.scan_radius is None else {"scan_radius": s.scan_radius, "wild_type_row": s.wild_type,
+                                              "wild_type": decode(d.codes[s.wild_type][None])[0]}),
         "best_offline_y": float(d.y[best]),
         "best_offline_row": best,
         "best_offline_percentile": float(100.0 * np.mean(d.y <= d.y[best])),

@@ -493,7 +493,8 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
     panels = [("BRAID-Boot (min_m r_m)", ["BRAID-Boot"]), ("BRAID-Bonus", ["BRAID-Bonus"]), ("LCB", ["LCB"])]
     metrics = [("argmax_oracle", "oracle of argmax(r_hat - g_hat)\nminus STRL's"),
                ("top64_median", "oracle median of the top 64\nminus STRL's")]
-    fig = Figure(figsize=(4.6 * (len(panels) + 1), 7.4))
+    width = max(4.6, 0.36 * len(order))  # per panel: room for every setting's tick label
+    fig = Figure(figsize=(width * (len(panels) + 1), 7.8))
     axes = fig.subplots(len(metrics), len(panels) + 1, squeeze=False)
     x = np.arange(len(order))
     colours = colormaps["viridis"](np.linspace(0, 0.9, len(STRENGTHS)))
@@ -549,7 +550,7 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
             ax.tick_params(labelleft=True)
             ax.set_ylim(0, 1.05)
         for ax in axes[row]:
-            ax.set_xticks(x, [shorts[t] for t in order], rotation=30, fontsize=8)
+            ax.set_xticks(x, [shorts[t] for t in order], rotation=60, ha="right", fontsize=8)
             ax.grid(alpha=0.3)
     fig.suptitle("TFBind8 by enumeration: conservative reward minus STRL, per setting (dots: seeds; "
                  "bars: bootstrap 95% CI of the mean over seeds)", fontsize=10)

@@ -51,7 +51,6 @@ import torch
 
 from braid_ray.baselines.grad import gradient_ascent
 from braid_ray.config import Config, load_config
-from braid_ray.data.splits import scan_rows
 from braid_ray.eval.stats import bootstrap_ci, spearman
 from braid_ray.reward.conservative import ConservativeReward, checkpoint_extra
 from braid_ray.reward.fit import assemble, reward_data, score
@@ -205,9 +204,10 @@ def config(setting: Setting, seed: int, table: str | None) -> Config:
     if setting.radius is None:
         run_dir = RUNS / f"{setting.table}-q{setting.quantile:g}-seed{seed}"
         overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"data.quantile={setting.quantile}"]
-    else:  # the scan ignores the quantile split; the preset's stays
+    else:  # the product's mutational scan: data.quantile places the wild type
         run_dir = RUNS / f"{setting.table}-wt{setting.quantile:g}-r{setting.radius}-seed{seed}"
-        overrides = [f"run.dir={run_dir}", f"run.seed={seed}"]
+        overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"data.quantile={setting.quantile}",
+                     f"data.scan_radius={setting.radius}"]
     if table is not None:
         overrides.append(f"task.path={table}")
     return load_config(PRESET, overrides)
@@ -243,13 +243,9 @@ def run_one(setting: Setting, seed: int, table: str | None, todo: set[tuple], ou
     run = RunDir(cfg.run.dir)
     data = data_stage(cfg, run)
     y = oracle_stage(cfg, run, data).score(all_8mers())
-    scan = {}
-    if setting.radius is None:
-        pool = data.splits.off  # the rows below the quantile
-    else:
-        pool, wild_type = scan_rows(data.d.codes, data.d.y, setting.quantile, setting.radius, seed)
-        scan = {"radius": setting.radius, "wild_type": "".join("ACGT"[c] for c in data.d.codes[wild_type]),
-                "wild_type_y": float(data.d.y[wild_type])}
+    pool = data.splits.off  # the rows below the quantile, or the scan's ball
+    scan = {} if setting.radius is None else {"radius": setting.radius, "wild_type": data.summary["wild_type"],
+                                              "wild_type_y": float(data.d.y[data.splits.wild_type])}
     off = pool[subsample(pool.size, setting.rows, seed)]
     codes_off, y_off = data.d.codes[off], data.d.y[off]
     y_seen = noisy_labels(y_off, setting.noise, seed)  # what the reward and Grad.'s starts see; the oracle stays exact

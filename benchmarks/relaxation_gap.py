@@ -114,8 +114,9 @@ def main() -> None:
     JSONL.parent.mkdir(parents=True, exist_ok=True)
     JSONL.write_text("".join(json.dumps(row) + "\n" for row in rows))
     text = table(rows)
-    (RESULTS / "relaxation_gap.md").write_text(f"Command: `{' '.join(['benchmarks/relaxation_gap.py', *args.runs])}`"
-                                               f" (--n {args.n})\n\n" + text)
+    runs_listed = " ".join(dict.fromkeys(row["run"] for row in rows))  # every run in the table, earlier calls too
+    (RESULTS / "relaxation_gap.md").write_text(f"Command: `.venv/bin/python benchmarks/relaxation_gap.py {runs_listed}`"
+                                               f" (--n {args.n} in the latest call)\n\n" + text)
     print(text)
 
 

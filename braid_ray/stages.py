@@ -56,8 +56,9 @@ class DataResult:
 def _resolved_data(cfg: Config, task: Task) -> dict:
     q = cfg.data.quantile if cfg.data.quantile is not None else task.default_quantile
     f = cfg.data.oracle_fraction if cfg.data.oracle_fraction is not None else task.default_oracle_fraction
-    scan = {} if cfg.data.scan_radius is None else {"scan_radius": cfg.data.scan_radius,
-                                                     "wild_type": cfg.data.wild_type}
+    wild = cfg.data.wild_type
+    scan = {} if cfg.data.scan_radius is None else {
+        "scan_radius": cfg.data.scan_radius, "wild_type": None if wild is None else wild.upper().replace("U", "T")}
     return {"quantile": q, "oracle_fraction": f, **scan}  # a quantile split's record is what it always was
 
 

@@ -105,3 +105,51 @@ def test_the_data_stage_writes_the_scan_and_keeps_the_quantile_record(tmp_path) 
     assert again.splits.wild_type == data.splits.wild_type and again.splits.rule == data.splits.rule
     plain = load_config(preset, [f"run.dir={tmp_path}"])  # run directories made before scans existed are reused
     assert set(_resolved_data(plain, data.task)) == {"quantile", "oracle_fraction"}
+
+
+def test_a_scan_with_d_ora_indexes_d_and_is_reused_lowercase_or_not(tmp_path) -> None:
+    import pandas as pd
+
+    from braid_ray import pipeline
+    from braid_ray.config import load_config
+    from braid_ray.rundir import RunDir
+    from braid_ray.stages import data_stage
+
+    rng = np.random.default_rng(0)
+    seqs = list(dict.fromkeys("".join(rng.choice(list("ACGT"), 7)) for _ in range(4000)))[:3000]  # distinct
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"seq": seqs, "y": rng.normal(size=3000)}).to_csv(table, index=False)
+    base = ["task.name=csv", f"task.path={table}", "task.sequence_column=seq", "task.label_column=y",
+            f"run.dir={tmp_path / 'run'}", "data.oracle_fraction=0.3", "data.quantile=0.5", "data.scan_radius=3"]
+    data = data_stage(load_config(None, base), RunDir(str(tmp_path / "run")))
+    s, d = data.splits, data.d
+    assert s.ora.size == 900 and np.isin(s.wild_type, s.zero) and not np.isin(s.off, s.ora).any()
+    in_ball = (d.codes != d.codes[s.wild_type]).sum(axis=1) <= 3
+    np.testing.assert_array_equal(s.off, np.intersect1d(s.zero, np.flatnonzero(in_ball)))  # rows of D, D_0's only
+    assert abs(np.mean(d.y[s.zero] < d.y[s.wild_type]) - 0.5) <= 0.006  # at data.quantile of D_0's y
+    wild = data.summary["wild_type"]
+    lower = load_config(None, [*base, f"data.wild_type={wild.lower()}"])
+    again = data_stage(lower, RunDir(str(tmp_path / "run2")))
+    assert again.splits.wild_type == s.wild_type
+    np.testing.assert_array_equal(again.splits.off, s.off)
+    printed = pipeline.check(lower)
+    assert f"D_off = D_0 within Hamming distance 3 of the wild type (row {s.wild_type}" in printed
+    summary = pipeline.format_summary({"run_dir": "r", "data": again.summary})
+    assert f"D_off       D_0 within Hamming distance 3 of the wild type (row {s.wild_type}" in summary
+    assert summary.splitlines()[3].endswith(f": {wild}")
+    with pytest.raises(ValueError, match="data.wild_type is in D_ora"):
+        offline_splits(d, 0.3, 0.5, 0, scan_radius=3, wild_type=d.codes[s.ora[0]])
+    with pytest.raises(ValueError, match="data.scan_radius=7 reaches every sequence of 7 letters"):
+        offline_splits(d, 0.3, 0.5, 0, scan_radius=7)
+
+
+def test_a_scan_of_constant_labels_names_the_scan_not_a_quantile() -> None:
+    codes = np.random.default_rng(1).integers(0, 4, (400, 6)).astype(np.int8)
+    y = np.r_[np.zeros(200), np.ones(200)]
+    d = Labelled(codes, y, "scan.csv")
+    s = offline_splits(d, 0.0, 0.25, 0, scan_radius=1)
+    s.off = s.off[d.y[s.off] == d.y[s.off][0]]  # a library whose labels all agree
+    s.off = np.resize(s.off, 25)
+    with pytest.raises(ValueError, match=r"every D_off label is .*D_0 within Hamming distance 1 of the wild type"
+                                         r".*raise data.scan_radius, choose another data.wild_type"):
+        check_offline(d, s, trained_oracle=False)

@@ -61,11 +61,14 @@ def below_quantile(y: np.ndarray, quantile: float, source: str, rows: str = "D")
 def scan_rows(codes: np.ndarray, y: np.ndarray, quantile: float, radius: int, seed: int,
               wild_type: int | None = None) -> tuple[np.ndarray, int]:
     """A mutational scan over rows (codes (N, L), y (N,)): the wild type (given, or drawn, seeded and the same
-    for every radius, among the rows whose rank in y lies within 0.005 of ``quantile``) and the sorted indices of
-    every row within Hamming distance ``radius`` of it."""
+    for every radius, among the rows whose rank in y lies within 0.005 of ``quantile``; on fewer than about 100
+    rows, the row whose rank is nearest) and the sorted indices of every row within Hamming distance ``radius``
+    of it."""
     if wild_type is None:
         rank = np.argsort(np.argsort(y, kind="stable"), kind="stable") / max(len(y) - 1, 1)
         near = np.flatnonzero(np.abs(rank - quantile) <= 0.005)
+        if not near.size:
+            near = np.array([int(np.argmin(np.abs(rank - quantile)))])
         wild_type = int(np.random.default_rng([seed, round(quantile * 10_000), 11]).choice(near))
     ball = np.flatnonzero((codes != codes[wild_type]).sum(axis=1) <= radius)
     return ball, wild_type
@@ -87,6 +90,9 @@ def offline_splits(d: Labelled, oracle_fraction: float, quantile: float, seed: i
     if scan_radius is None:
         below, threshold = below_quantile(d.y[zero], quantile, d.source, "D_0")
         return Splits(ora, zero, zero[below], threshold, quantile, oracle_fraction)
+    if scan_radius >= d.length:
+        raise ValueError(f"{d.source}: data.scan_radius={scan_radius} reaches every sequence of {d.length} letters "
+                         f"(D_off would be all of D_0); give a radius below {d.length}")
     given = None
     if wild_type is not None:
         wild_type = np.asarray(wild_type)
@@ -123,12 +129,17 @@ def check_offline(d: Labelled, s: Splits, trained_oracle: bool) -> None:
     shown = ", ".join(f"{v:g}" for v in values[:FEW_VALUES])
     y_off = d.y[s.off]
     if np.ptp(y_off) == 0:
-        fix = ("a label with two values (a hit call) cannot be ranked below a threshold: use a continuous label, "
-               "e.g. the measured activity the call was made from" if values.size <= 2 else
-               "raise data.quantile so that D_off spans at least two label values, or use a finer label")
+        if s.scan_radius is not None:
+            fix, rule = "raise data.scan_radius, choose another data.wild_type, or use a finer label", s.rule
+        elif values.size <= 2:
+            fix = ("a label with two values (a hit call) cannot be ranked below a threshold: use a continuous "
+                   "label, e.g. the measured activity the call was made from")
+            rule = f"rows strictly below the {s.quantile} quantile, {s.threshold:g}, are offline"
+        else:
+            fix = "raise data.quantile so that D_off spans at least two label values, or use a finer label"
+            rule = f"rows strictly below the {s.quantile} quantile, {s.threshold:g}, are offline"
         raise ValueError(f"{d.source}: every D_off label is {y_off[0]:g} (y takes {values.size} distinct values "
-                         f"over D_0: {shown}; rows strictly below the {s.quantile} quantile, {s.threshold:g}, are "
-                         f"offline), so the reward would learn a constant: {fix}")
+                         f"over D_0: {shown}; {rule}), so the reward would learn a constant: {fix}")
     if values.size <= FEW_VALUES:
         log.warning("%s: y takes only %d distinct values over D_0 (%s); D_off holds %d of them", d.source,
                     values.size, shown, np.unique(y_off).size)

@@ -109,7 +109,7 @@ def calibration(reward: ConservativeReward, sets: dict[str, tuple[np.ndarray, np
     """Per penalty mode: fit and penalty statistics on each labelled set, out/in ratios, and relaxed inputs.
 
     ``sets`` maps a name to (codes, y); it must contain ``in`` (held-out D_off rows) and may contain
-    ``ood`` (D_0 above the offline quantile), ``top_half`` and ``top_1pct`` (of y over D_0).
+    ``ood`` (D_0 outside D_off), ``top_half`` and ``top_1pct`` (of y over D_0).
     ``relaxed``: codes whose one-hot is mixed with random simplex points, as the generator's soft samples are.
     """
     rng = np.random.default_rng(seed)

@@ -61,13 +61,18 @@ def gap(policy: FineTunedPolicy, reward, oracle, n: int, batch: int, seed: int) 
             "oracle_median": float(np.median(y))}
 
 
-def run_dir_rows(run: Path, n: int) -> list[dict]:
+def load_run(run: Path):
+    """(config, run dir, oracle, backbone, pretrained denoiser, reward under the bonus) of a finished run."""
     cfg = load_config(run / "eval" / "config.yaml")
     rd = RunDir(str(run))
     data = data_stage(cfg, rd)
-    oracle = oracle_stage(cfg, rd, data)
     backbone, pretrained = pretrained_models(cfg, rd, data.d.length)
-    reward = load_reward(str(run), "bonus", cfg.finetune.strength)
+    return (cfg, rd, oracle_stage(cfg, rd, data), backbone, pretrained,
+            load_reward(str(run), "bonus", cfg.finetune.strength))
+
+
+def run_dir_rows(run: Path, n: int) -> list[dict]:
+    cfg, rd, oracle, backbone, pretrained, reward = load_run(run)
     rows = []
     policies = {"Pretrained": FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization)}
     for method in cfg.finetune.methods:

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from braid_ray import pipeline
-from braid_ray.config import load_config
 from braid_ray.diffusion.sampler import FineTunedPolicy
-from braid_ray.evaluate import pretrained_models
-from braid_ray.finetune.run import load_reward
-from braid_ray.rundir import RunDir
-from braid_ray.stages import data_stage, oracle_stage
 from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +37,7 @@ def test_rows_score_the_relaxed_input_and_the_decoded_design(run: Path) -> None:
 
 
 def test_the_gap_vanishes_when_the_relaxation_is_one_hot(run: Path) -> None:
-    cfg = load_config(run / "eval" / "config.yaml")
-    rd = RunDir(str(run))
-    data = data_stage(cfg, rd)
-    oracle = oracle_stage(cfg, rd, data)
-    backbone, pretrained = pretrained_models(cfg, rd, data.d.length)
-    reward = load_reward(str(run), "bonus", cfg.finetune.strength)
+    _, _, oracle, backbone, pretrained, reward = rg.load_run(run)
     backbone.temperature = 1e-4  # softmax(x0 / temperature) is the hard one-hot of argmax x0
     row = rg.gap(FineTunedPolicy(backbone, pretrained, "shift"), reward, oracle, 16, 8, seed=0)
     assert row["max_prob"] == pytest.approx(1.0, abs=1e-4)

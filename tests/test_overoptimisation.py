@@ -41,25 +41,6 @@ def test_parse_setting_and_names() -> None:
             oo.parse_setting(bad)
 
 
-def test_scan_is_the_hamming_ball_around_a_seeded_wild_type_at_the_quantile() -> None:
-    from math import comb
-
-    from braid_ray.data.splits import scan_rows
-
-    codes = oo.all_8mers()
-    y = np.random.default_rng(0).random(len(codes))
-    ball, wt = scan_rows(codes, y, 0.7, 2, seed=3)
-    assert ball.size == sum(comb(8, k) * 3**k for k in range(3))  # 1 + 24 + 252
-    assert wt in ball and np.all(np.diff(ball) > 0)
-    assert np.all((codes[ball] != codes[wt]).sum(axis=1) <= 2)
-    assert ((codes != codes[wt]).sum(axis=1) <= 2).sum() == ball.size  # every row of the ball, nothing else
-    assert abs((y < y[wt]).mean() - 0.7) <= 0.0051  # drawn at the quantile
-    assert scan_rows(codes, y, 0.7, 1, seed=3)[1] == wt  # the same wild type for every radius
-    assert scan_rows(codes, y, 0.7, 2, seed=4)[1] != wt
-    few = scan_rows(codes[:60], y[:60], 0.7, 2, seed=3)[1]  # too few rows within 0.005: the nearest rank
-    assert abs((y[:60] < y[few]).mean() - 0.7) <= 1 / 59
-
-
 def test_a_scan_setting_runs_through_the_products_data_options() -> None:
     cfg = oo.config(oo.parse_setting("wt0.7-r2"), 3, None)
     assert (cfg.data.scan_radius, cfg.data.quantile, cfg.run.seed) == (2, 0.7, 3)

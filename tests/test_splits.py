@@ -153,3 +153,23 @@ def test_a_scan_of_constant_labels_names_the_scan_not_a_quantile() -> None:
     with pytest.raises(ValueError, match=r"every D_off label is .*D_0 within Hamming distance 1 of the wild type"
                                          r".*raise data.scan_radius, choose another data.wild_type"):
         check_offline(d, s, trained_oracle=False)
+
+
+def test_scan_is_the_hamming_ball_around_a_seeded_wild_type_at_the_quantile() -> None:
+    import itertools
+    from math import comb
+
+    from braid_ray.data.splits import scan_rows
+
+    codes = np.array(list(itertools.product(range(4), repeat=8)), dtype=np.int8)  # every 8-mer
+    y = np.random.default_rng(0).random(len(codes))
+    ball, wt = scan_rows(codes, y, 0.7, 2, seed=3)
+    assert ball.size == sum(comb(8, k) * 3**k for k in range(3))  # 1 + 24 + 252
+    assert wt in ball and np.all(np.diff(ball) > 0)
+    assert np.all((codes[ball] != codes[wt]).sum(axis=1) <= 2)
+    assert ((codes != codes[wt]).sum(axis=1) <= 2).sum() == ball.size  # every row of the ball, nothing else
+    assert abs((y < y[wt]).mean() - 0.7) <= 0.0051  # drawn at the quantile
+    assert scan_rows(codes, y, 0.7, 1, seed=3)[1] == wt  # the same wild type for every radius
+    assert scan_rows(codes, y, 0.7, 2, seed=4)[1] != wt
+    few = scan_rows(codes[:60], y[:60], 0.7, 2, seed=3)[1]  # too few rows within 0.005: the nearest rank
+    assert abs((y[:60] < y[few]).mean() - 0.7) <= 1 / 59

@@ -129,15 +129,12 @@ def check_offline(d: Labelled, s: Splits, trained_oracle: bool) -> None:
     shown = ", ".join(f"{v:g}" for v in values[:FEW_VALUES])
     y_off = d.y[s.off]
     if np.ptp(y_off) == 0:
-        if s.scan_radius is not None:
-            fix, rule = "raise data.scan_radius, choose another data.wild_type, or use a finer label", s.rule
-        elif values.size <= 2:
-            fix = ("a label with two values (a hit call) cannot be ranked below a threshold: use a continuous "
-                   "label, e.g. the measured activity the call was made from")
-            rule = f"rows strictly below the {s.quantile} quantile, {s.threshold:g}, are offline"
-        else:
-            fix = "raise data.quantile so that D_off spans at least two label values, or use a finer label"
-            rule = f"rows strictly below the {s.quantile} quantile, {s.threshold:g}, are offline"
+        scan = s.scan_radius is not None
+        rule = s.rule if scan else f"rows strictly below the {s.quantile} quantile, {s.threshold:g}, are offline"
+        fix = ("raise data.scan_radius, choose another data.wild_type, or use a finer label" if scan else
+               "a label with two values (a hit call) cannot be ranked below a threshold: use a continuous label, "
+               "e.g. the measured activity the call was made from" if values.size <= 2 else
+               "raise data.quantile so that D_off spans at least two label values, or use a finer label")
         raise ValueError(f"{d.source}: every D_off label is {y_off[0]:g} (y takes {values.size} distinct values "
                          f"over D_0: {shown}; {rule}), so the reward would learn a constant: {fix}")
     if values.size <= FEW_VALUES:

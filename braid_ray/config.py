@@ -151,6 +151,9 @@ class FinetuneConfig:
     # "pretrained" = the correction is off there (those steps are the pretrained policy's, KL exactly 0);
     # "auto" = kl for sequences, pretrained for images (where paying it takes two more UNet passes per step).
     early_steps: Literal["auto", "kl", "pretrained"] = "auto"
+    # The last N sampler steps stay the pretrained model's (no correction, KL 0; the reward's gradient still runs
+    # through them). Sequences only; 0 = the policy acts on the last step too.
+    pretrained_last_steps: int = 0
     steps: int = 100  # optimizer steps at most (the cap of the plateau rule)
     # Plateau rule: stop once the mean objective of the last plateau_window steps is less than plateau_tol
     # (z-units) above that of the window before; 0 = off (always run finetune.steps).
@@ -519,6 +522,10 @@ def validate(cfg: Config) -> None:
            "0 when diffusion.eta=0 (the KL of a deterministic sampler is undefined)")
     _check(ft.strength >= 0, "finetune.strength", ft.strength, "a non-negative penalty strength")
     _check(1 <= ft.k <= df.steps, "finetune.k", ft.k, f"an integer in [1, diffusion.steps={df.steps}]")
+    _check(0 <= ft.pretrained_last_steps < ft.k, "finetune.pretrained_last_steps", ft.pretrained_last_steps,
+           f"an integer in [0, finetune.k={ft.k}) (the policy must act on one of the last K steps)")
+    _check(cfg.domain == "sequence" or ft.pretrained_last_steps == 0, "finetune.pretrained_last_steps",
+           ft.pretrained_last_steps, "0 with domain: image (a setting of the sequence samplers)")
     for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "monitor_every"):
         _check(getattr(ft, key) >= 1, f"finetune.{key}", getattr(ft, key), "an integer >= 1")
     _check(ft.monitor_queries >= 0, "finetune.monitor_queries", ft.monitor_queries, "an integer >= 0 (0 = off)")

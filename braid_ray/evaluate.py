@@ -41,7 +41,7 @@ from braid_ray.eval import (COLUMNS, KMER_TOP_FRACTION, KMER_TOP_MIN_ROWS, PER_D
                             design_statistics, method_metrics, results_table, samples_frame, score_distributions,
                             to_markdown, top_rows, training_curves, validity_metrics, validity_rule, write_fasta,
                             write_report)
-from braid_ray.finetune.run import load_pretrained, load_reward
+from braid_ray.finetune.run import fine_tuned_policy, load_pretrained, load_reward
 from braid_ray.methods import BASELINES, METHODS, label
 from braid_ray.oracles import Oracle
 from braid_ray.oracles.agreement import method_agreement
@@ -196,8 +196,7 @@ def evaluate_stage(cfg: Config, run: RunDir, data: DataResult, oracle: Oracle, m
 def tuned_policy(cfg: Config, run: RunDir, backbone: Backbone, pretrained: torch.nn.Module,
                  method: str) -> FineTunedPolicy:
     """The fine-tuned policy of stage finetune/<method>."""
-    tuned = FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization,
-                            active_steps=cfg.finetune.k if cfg.finetune.early_steps == "pretrained" else None)
+    tuned = fine_tuned_policy(cfg, backbone, pretrained)
     tuned.trainable.load_state_dict(run.stage(f"finetune/{method}").load("trainable.safetensors", load_safetensors))
     return tuned
 

@@ -30,7 +30,7 @@ from braid_ray.data.tasks import Task, get_task
 from braid_ray.devices import resolve_device
 from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrain
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, trainer_state_files
-from braid_ray.finetune.loop import FINETUNE_RUN_KEYS, Save, drive, tracking_sinks, write_finetune_summary
+from braid_ray.finetune.loop import Save, drive, finetune_record_drop, tracking_sinks, write_finetune_summary
 from braid_ray.finetune.trainer import Monitor
 from braid_ray.methods import BASELINES
 from braid_ray.oracles import SECONDARY, Oracle, build_oracles
@@ -289,7 +289,7 @@ def finetune_in_process(cfg: Config, job: FinetuneJob, stage: Stage) -> tuple[di
 def finetune_stage(cfg: Config, run: RunDir, data: DataResult, method: str, upstream: dict[str, str],
                    runner: FinetuneRunner = finetune_in_process) -> None:
     """Fine-tune the pretrained model with ``method``'s conservative reward; resumes an interrupted run."""
-    record = stage_record(cfg, ["finetune", "diffusion"], upstream, drop=FINETUNE_RUN_KEYS, method=method)
+    record = stage_record(cfg, ["finetune", "diffusion"], upstream, drop=finetune_record_drop(cfg), method=method)
     stage = run.stage(f"finetune/{method}")
 
     def make() -> None:

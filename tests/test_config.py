@@ -48,6 +48,9 @@ def test_overrides_parse_yaml_values_and_win_over_the_file() -> None:
     ("data.quantile", "expected key=value"),
     ("data.scan_radius=0", "data.scan_radius: got 0, expected a Hamming distance >= 1"),
     ("data.wild_type=ACGT", "data.wild_type: got 'ACGT', expected null unless data.scan_radius is set"),
+    ("finetune.pretrained_last_steps=20", "finetune.pretrained_last_steps: got 20, expected an integer in [0, "
+                                          "finetune.k=20)"),
+    ("finetune.pretrained_last_steps=-1", "finetune.pretrained_last_steps: got -1, expected an integer in [0, "),
 ])
 def test_bad_keys_and_values_name_the_key_value_and_expected_form(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=None) as err:
@@ -90,3 +93,10 @@ def test_no_module_reads_its_settings_from_the_environment() -> None:
              for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("BRAID_")]
     assert found == []
+
+
+def test_pretrained_last_steps_is_a_sequence_setting() -> None:
+    assert load_config(None, ["finetune.pretrained_last_steps=1"]).finetune.pretrained_last_steps == 1
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["domain=image", "finetune.pretrained_last_steps=1"])
+    assert "finetune.pretrained_last_steps: got 1, expected 0 with domain: image" in str(err.value)

@@ -185,6 +185,25 @@ def test_switched_off_early_steps_are_the_pretrained_policys() -> None:
             x = mean + sigma * torch.randn(x.shape, generator=g)
 
 
+def test_the_last_steps_can_stay_the_pretrained_models() -> None:
+    """pretrained_last=N: steps N..1 are the pretrained model's (KL 0, the same means), the policy acts before
+    them, and the reward's gradient reaches its weights through the pretrained steps."""
+    policy = _perturbed("shift")
+    policy.pretrained_last = 2
+    roll = rollout(policy, 6, k=3, generator=torch.Generator().manual_seed(2))
+    assert (roll.kl_per_step[-2:] == 0).all() and (roll.kl_per_step[:-2] > 0).all()
+    assert roll.kl.mean().item() == pytest.approx(roll.kl_per_step[-3].item())  # K = 3: only step 3 pays
+    grads = torch.autograd.grad(roll.x0.sum(), list(policy.trainable.parameters()), allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+    x = policy.backbone.prior(6, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for t in (2, 1):
+            mean, mean_pre, _ = policy.means(x, t)
+            assert torch.equal(mean, mean_pre)
+        mean, mean_pre, _ = policy.means(x, 3)
+        assert not torch.equal(mean, mean_pre)
+
+
 def test_the_fine_tuner_pays_and_reports_the_whole_paths_kl() -> None:
     tuner = FineTuner(_perturbed("shift"), _reward, alpha=0.5, k=2, batch_size=16, lr=1e-2, steps=3, seed=0)
     m = tuner.train_step()

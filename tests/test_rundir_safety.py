@@ -46,6 +46,17 @@ def test_a_changed_evaluation_is_a_conflict_and_replaces_nothing(finished: Path,
     assert "| STRL | 16 |" in replaced["eval"]
 
 
+def test_a_later_finetune_key_at_its_default_keeps_old_stages_and_set_is_a_conflict(finished: Path,
+                                                                                      tmp_path: Path) -> None:
+    """finetune.pretrained_last_steps came after runs had been recorded: at its default it is not in a stage's
+    record (those stages stay reusable); set, it is a change of the fine-tuning, named in the conflict."""
+    run = _copy(finished, tmp_path)
+    record = json.loads((run / "finetune" / "strl" / "stage.json").read_text())["record"]
+    assert "pretrained_last_steps" not in record["finetune"] and record["finetune"]["k"] >= 2
+    with pytest.raises(StageConflict, match="finetune/strl was made with a different config.*pretrained_last_steps"):
+        pipeline.run(tiny_config(f"run.dir={run}", "finetune.pretrained_last_steps=1"))
+
+
 def test_a_second_run_in_the_same_directory_stops_naming_the_holder(tmp_path: Path) -> None:
     run = RunDir(str(tmp_path / "run"))
     with run.lock():

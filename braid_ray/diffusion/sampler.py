@@ -14,6 +14,11 @@ The steps before the last K:
   ``early_kl`` gives their KL with a graph to theta, for backward passes of their own (memory flat in T).
 - with ``FineTunedPolicy(active_steps=K)`` the correction is switched off on steps t > K, which are then the
   pretrained policy's: their KL is exactly zero, at training and at sampling alike.
+
+The last steps can be left to the pretrained model too (``pretrained_last=N``: steps N..1): the reward's gradient
+still runs through them to x_N, but the policy cannot move their means. On the Gaussian one-hot backbone the last
+step only rounds x_1 to a vertex, and a policy that controls it can raise the reward on the relaxed x0 by
+shifting x0 within its argmax cell, which changes no design (benchmarks/relaxation_gap.py).
 """
 
 from __future__ import annotations
@@ -52,15 +57,17 @@ class FineTunedPolicy(nn.Module):
     p_theta(. | x_t) = softmax(logits_pre(x_t, t) + c_phi(x_t, t)).
     ``full``: the transition of a trainable copy of the pretrained denoiser.
     ``active_steps``: None = the policy acts on every step t = T..1; K = only on t <= K (pretrained before).
+    ``pretrained_last``: N = the last N steps (t <= N) are the pretrained model's; 0 = the policy acts on them.
     """
 
     def __init__(self, backbone: GaussianOneHotDiffusion | MaskedDiffusion, pretrained: nn.Module,
                  parameterization: str = "residual", correction: nn.Module | None = None,
-                 active_steps: int | None = None):
+                 active_steps: int | None = None, pretrained_last: int = 0):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         self.backbone, self.parameterization, self.active_steps = backbone, parameterization, active_steps
+        self.pretrained_last = pretrained_last
         self.pretrained = pretrained.eval().requires_grad_(False)
         if parameterization == "full":
             self.trainable = copy.deepcopy(pretrained).requires_grad_(True).train()
@@ -72,7 +79,7 @@ class FineTunedPolicy(nn.Module):
 
     def acts(self, t: int) -> bool:
         """Whether the fine-tuned policy differs from the pretrained one at step t."""
-        return self.active_steps is None or t <= self.active_steps
+        return t > self.pretrained_last and (self.active_steps is None or t <= self.active_steps)
 
     def transition(self, x_t: torch.Tensor, t: int) -> tuple[Transition, Transition]:
         """(p_t, p_pre_t) at x_t (B, L, 4), as the backbone's transition parameters; gradients reach x_t through

@@ -140,6 +140,15 @@ def run_summary(history: list[dict], alpha: float, plateau: tuple[int, float] = 
 
 # finetune keys that change how a run is shown, not its result (left out of the stage record)
 FINETUNE_RUN_KEYS = ("methods", "log_every")
+# finetune keys added after stages had been recorded, with their defaults: in the record only when set, so a
+# stage made before a key existed (and every run that leaves it at its default) keeps its fingerprint
+FINETUNE_LATER_KEYS = {"pretrained_last_steps": 0}
+
+
+def finetune_record_drop(cfg: Config) -> tuple[str, ...]:
+    """The finetune keys a fine-tuning stage's record leaves out for ``cfg``."""
+    later = tuple(k for k, default in FINETUNE_LATER_KEYS.items() if getattr(cfg.finetune, k) == default)
+    return FINETUNE_RUN_KEYS + later
 
 
 def write_finetune_summary(cfg: Config, stage: Stage, method: str, history: list[dict], seconds: float) -> dict:

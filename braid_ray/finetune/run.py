@@ -13,7 +13,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from braid_ray.config import Config
-from braid_ray.diffusion.pretrain import build_backbone, build_denoiser
+from braid_ray.diffusion.pretrain import Backbone, build_backbone, build_denoiser
 from braid_ray.diffusion.sampler import FineTunedPolicy
 from braid_ray.finetune.trainer import FineTuner, Monitor
 from braid_ray.methods import METHODS
@@ -37,6 +37,15 @@ def load_pretrained(cfg: Config, run_dir: str, length: int,
     return model.to(device).eval()
 
 
+def fine_tuned_policy(cfg: Config, backbone: Backbone, pretrained: torch.nn.Module) -> FineTunedPolicy:
+    """The policy ``finetune`` trains and the evaluation samples: the parameterisation, and the steps where the
+    correction is off (before the last K with ``early_steps: pretrained``; the last ``pretrained_last_steps``)."""
+    ft = cfg.finetune
+    return FineTunedPolicy(backbone, pretrained, ft.parameterization,
+                           active_steps=ft.k if ft.early_steps == "pretrained" else None,
+                           pretrained_last=ft.pretrained_last_steps)
+
+
 def load_reward(run_dir: str, penalty: str, strength: float,
                 device: torch.device = torch.device("cpu")) -> ConservativeReward:
     reward = ConservativeReward.from_bytes(RunDir(run_dir).stage("reward").read_bytes("reward.safetensors"),
@@ -58,8 +67,7 @@ def build_finetuner(cfg: Config, job: FinetuneJob, seed: int, device: torch.devi
     backbone = build_backbone(cfg.diffusion, job.length, ft.temperature, ft.straight_through)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)  # the same initial trainable weights on every worker
-        policy = FineTunedPolicy(backbone, load_pretrained(cfg, job.run_dir, job.length, device), ft.parameterization,
-                                 active_steps=ft.k if ft.early_steps == "pretrained" else None)
+        policy = fine_tuned_policy(cfg, backbone, load_pretrained(cfg, job.run_dir, job.length, device))
     policy = policy.to(device)
     reward = load_reward(job.run_dir, METHODS[job.method].penalty, ft.strength, device)
 

@@ -32,7 +32,7 @@ from braid_ray.devices import resolve_device
 from braid_ray.eval.plots import score_distributions
 from braid_ray.eval.report import to_markdown
 from braid_ray.eval.stats import pearson
-from braid_ray.finetune.loop import FINETUNE_RUN_KEYS, drive, tracking_sinks, write_finetune_summary
+from braid_ray.finetune.loop import drive, finetune_record_drop, tracking_sinks, write_finetune_summary
 from braid_ray.images import evaluate as ev
 from braid_ray.images.export import LORA_WEIGHT_NAME, lora_only, save_lora_for_diffusers, unet_weights
 from braid_ray.images.finetune import ImageFineTuner, build_policy, load_image_reward
@@ -186,7 +186,7 @@ def finetune_stage(cfg: Config, run: RunDir, method: str, upstream: dict[str, st
                    runners: ImageRunners = IN_PROCESS) -> pd.DataFrame:
     """Fine-tune with ``method``'s conservative reward; export fp32 weights (and LoRA weights for diffusers)."""
     image = {k: v for k, v in cfg.section("image")["image"].items() if k not in EVAL_ONLY}
-    record = stage_record(cfg, ["finetune", "diffusion", "deepspeed"], upstream, drop=FINETUNE_RUN_KEYS,
+    record = stage_record(cfg, ["finetune", "diffusion", "deepspeed"], upstream, drop=finetune_record_drop(cfg),
                           method=method, image=image)
     stage = run.stage(f"finetune/{method}")
 

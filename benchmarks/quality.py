@@ -162,6 +162,7 @@ def _evaluate(base, run: Path, alpha: float, todo: list[str], out: Path, done: s
               "config": {k: v for k, v in cfg.section("finetune")["finetune"].items() if k != "methods"}}
     # The design sets that do not depend on alpha (Pretrained, the baselines, the references), once per seed.
     fixed = {n: m for n, m in {**metrics["methods"], **metrics["references"]}.items() if n not in LABELS.values()}
+    done |= _done(out)  # rows another process (another alpha of the same seed) appended meanwhile
     for label, m in fixed.items():
         if (seed, None, label) in done:
             _check_reproduced(out, seed, label, m)

@@ -4,6 +4,7 @@ steering baselines against the fine-tuned methods at that alpha."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -128,3 +129,26 @@ def test_methods_added_at_an_evaluated_alpha_get_a_run_directory_of_their_own(tm
     (tmp_path / "alpha0.01" / "eval" / "stage.json").write_text("{}")
     assert quality._alpha_folder(tmp_path, 0.01, "", ["braid_boot"]) == "alpha0.01-braid_boot"
     assert quality._alpha_folder(tmp_path, 0.01, "K50", ["strl"]) == "alpha0.01-K50"
+
+
+def test_rows_another_process_appended_meanwhile_are_not_appended_twice(tmp_path: Path, monkeypatch) -> None:
+    """Two alphas of one seed in two processes: the alpha-free rows (Pretrained, ...) the other process appended
+    after this one read the file are kept once; this process adds only its fine-tuned rows."""
+    from braid_ray.config import load_config
+
+    monkeypatch.setattr(quality.pipeline, "run", lambda cfg: None)  # the stages are already finished
+    run = tmp_path / "alpha0.01"
+    (run / "eval").mkdir(parents=True)
+    (run / "finetune" / "strl").mkdir(parents=True)
+    (run / "eval" / "metrics.json").write_text(json.dumps({
+        "best_offline": 1.0, "selection": {"rule": "valid"}, "references": {"ref: poly-T": {"median": 0.1}},
+        "methods": {"Pretrained": {"median": 0.5}, "STRL": {"median": 0.7}}}))
+    (run / "finetune" / "strl" / "summary.json").write_text(json.dumps({"steps_run": 3, "stopped": "step cap"}))
+    out = tmp_path / "rows.jsonl"
+    done = quality._done(out)  # read at this process's start: empty
+    for label, median in (("Pretrained", 0.5), ("ref: poly-T", 0.1)):  # then the other alpha's process appends
+        quality._append(out, {"seed": 3, "alpha": None, "method": label, "median": median})
+    quality._evaluate(load_config(None, ["run.seed=3"]), run, 0.01, ["strl"], out, done, "t", {})
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["alpha"]) for r in rows] == [("Pretrained", None), ("ref: poly-T", None), ("STRL", 0.01)]
+    assert rows[-1]["median"] == 0.7 and rows[-1]["ft_steps_run"] == 3

@@ -88,8 +88,10 @@ def gap(policy: FineTunedPolicy, reward, oracle, n: int, batch: int, seed: int, 
             "max_prob": float(relaxed.max(-1).values.mean()),  # 1 = the relaxed input is one-hot
             "onehot_distance": float((x0.abs() - 1).abs().mean()), "x0_abs_max": float(x0.abs().amax((1, 2)).mean()),
             "kl_last": float(torch.cat([r.kl for r in rolls]).mean()),
-            "kl_last_pred_reward": predicted_last_step_kl(objective_grad_sq(reward, backbone, x0, "none"), sigma, alpha),
-            "kl_last_pred_bonus": predicted_last_step_kl(objective_grad_sq(reward, backbone, x0, "bonus"), sigma, alpha),
+            "kl_last_pred_reward": predicted_last_step_kl(objective_grad_sq(reward, backbone, x0, "none"), sigma,
+                                                          alpha),
+            "kl_last_pred_bonus": predicted_last_step_kl(objective_grad_sq(reward, backbone, x0, "bonus"), sigma,
+                                                         alpha),
             "oracle_median": float(np.median(y))}
 
 
@@ -196,6 +198,16 @@ def _merge(path: Path, new: list[dict]) -> list[dict]:
     return rows
 
 
+def write_report(rows: list[dict], step_rows: list[dict], n: int) -> str:
+    """``relaxation_gap.md``: the command over every run in ``rows``, then both tables; returns the tables."""
+    text = table(rows) + "\nWhat a shift of one step's mean could buy through the pretrained steps after it " \
+        "(`shift_sensitivity`, at the run's pretrained trajectories):\n\n" + steps_table(step_rows)
+    runs_listed = " ".join(dict.fromkeys(row["run"] for row in rows))  # every run in the table, earlier calls too
+    (RESULTS / "relaxation_gap.md").write_text(f"Command: `.venv/bin/python benchmarks/relaxation_gap.py {runs_listed}`"
+                                               f" (--n {n} in the latest call)\n\n" + text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="finished quality-benchmark run directories (with an eval stage)")
@@ -207,21 +219,23 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
-    runs = [Path(r).resolve() for r in args.runs]
+    runs = [Path(r).absolute() for r in args.runs]  # not resolved: a run under a linked runs/ keeps its name
     for r in runs:
         if not (r / "eval" / "config.yaml").is_file():
             raise SystemExit(f"{r}: no finished eval stage (eval/config.yaml); give a quality-benchmark run directory")
     rows = _merge(JSONL, [row for r in runs for row in run_dir_rows(r, args.n)])
-    pretrained = {}  # one sensitivity table per pretrained model (run directories of one seed share it)
+    # one sensitivity table per pretrained model: run directories of one seed share it, and a stored one is kept
+    stored = [json.loads(line) for line in STEPS_JSONL.read_text().splitlines()] if STEPS_JSONL.exists() else []
+    pretrained = {row.get("pretrain") for row in stored}
+    todo = []
     for r in runs:
-        pretrained.setdefault(RunDir(str(r)).stage("pretrain").read_json("stage.json")["fingerprint"], r)
-    step_rows = _merge(STEPS_JSONL, [row for r in pretrained.values() for row in steps_rows(r, args.steps, args.n)])
-    text = table(rows) + "\nWhat a shift of one step's mean could buy through the pretrained steps after it " \
-        "(`shift_sensitivity`, at the run's pretrained trajectories):\n\n" + steps_table(step_rows)
-    runs_listed = " ".join(dict.fromkeys(row["run"] for row in rows))  # every run in the table, earlier calls too
-    (RESULTS / "relaxation_gap.md").write_text(f"Command: `.venv/bin/python benchmarks/relaxation_gap.py {runs_listed}`"
-                                               f" (--n {args.n} in the latest call)\n\n" + text)
-    print(text)
+        fp = RunDir(str(r)).stage("pretrain").read_json("stage.json")["fingerprint"]
+        if fp not in pretrained:
+            pretrained.add(fp)
+            todo.append((r, fp))
+    step_rows = _merge(STEPS_JSONL, [{**row, "pretrain": fp} for r, fp in todo
+                                     for row in steps_rows(r, args.steps, args.n)])
+    print(write_report(rows, step_rows, args.n))
 
 
 if __name__ == "__main__":

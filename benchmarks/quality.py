@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from braid_ray import pipeline
-from braid_ray.config import load_config
+from braid_ray.config import load_config, without_later_defaults
 from braid_ray.eval.stats import bootstrap_ci
 from braid_ray.methods import BASELINES, METHODS
 from braid_ray.rundir import RunDir
@@ -199,8 +199,9 @@ def reselect(task: str, seeds: list[int], runs: Path) -> int:
             if not (run / "eval" / "stage.json").exists():
                 continue
             cfg = load_config(run / "eval" / "config.yaml")
-            finetune = {k: v for k, v in cfg.section("finetune")["finetune"].items() if k != "methods"}
-            stale = [r for r in rows if r["seed"] == seed and r.get("config") == finetune
+            finetune = without_later_defaults({k: v for k, v in cfg.section("finetune")["finetune"].items()
+                                               if k != "methods"})  # rows made before a later key lack it
+            stale = [r for r in rows if r["seed"] == seed and without_later_defaults(r.get("config") or {}) == finetune
                      and r.get("selection_rule") is None and r["method"] in LABELS.values()]
             if not stale:
                 continue

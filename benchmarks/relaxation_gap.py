@@ -95,12 +95,8 @@ def gap(policy: FineTunedPolicy, reward, oracle, n: int, batch: int, seed: int, 
             "oracle_median": float(np.median(y))}
 
 
-def shift_sensitivity(backbone, pretrained, reward, steps: list[int], n: int, seed: int, alpha: float,
-                      penalty: str = "none") -> list[dict]:
-    """What a shift of step j's mean could buy through the pretrained steps after it, at pretrained trajectories:
-    per sample KL_j = sigma_j^2 |dR(x0) / dx_{j-1}|^2 / (2 alpha^2) (``predicted_last_step_kl``'s closed form, with
-    the gradient carried back through the pretrained steps j-1..1; j = 1 is the last step). The mean, median and
-    99th percentile over the n samples, per step."""
+def pretrained_chain(backbone, pretrained, n: int, seed: int) -> tuple[dict, dict]:
+    """n pretrained trajectories: the states x_t and the noise drawn at each step t = T..1."""
     g = torch.Generator().manual_seed(seed)
     states, noise = {}, {}
     with torch.no_grad():
@@ -108,16 +104,31 @@ def shift_sensitivity(backbone, pretrained, reward, steps: list[int], n: int, se
         for t in range(backbone.steps, 0, -1):
             states[t], noise[t] = x, backbone.noise(x, t, g)
             x = backbone.step(backbone.policy(pretrained, x, t), x, t, noise[t])
+    return states, noise
+
+
+def carry(backbone, pretrained, x_prev: torch.Tensor, j: int, noise: dict) -> torch.Tensor:
+    """x0 from x_{j-1} through the pretrained steps j-1..1 with their noise held fixed (a graph to x_prev)."""
+    x = x_prev
+    for t in range(j - 1, 0, -1):
+        x = backbone.step(backbone.policy(pretrained, x, t), x, t, noise[t])
+    return x
+
+
+def shift_sensitivity(backbone, pretrained, reward, steps: list[int], n: int, seed: int, alpha: float,
+                      penalty: str = "none") -> list[dict]:
+    """What a shift of step j's mean could buy through the pretrained steps after it, at pretrained trajectories:
+    per sample KL_j = sigma_j^2 |dR(x0) / dx_{j-1}|^2 / (2 alpha^2) (``predicted_last_step_kl``'s closed form, with
+    the gradient carried back through the pretrained steps j-1..1; j = 1 is the last step). The mean, median and
+    99th percentile over the n samples, per step."""
+    states, noise = pretrained_chain(backbone, pretrained, n, seed)
     rows = []
     for j in steps:
         with torch.no_grad():
             mean, sigma = backbone.policy(pretrained, states[j], j)
         x_prev = (mean + sigma * noise[j]).requires_grad_(True)  # x_{j-1}
         with torch.enable_grad():
-            x = x_prev
-            for t in range(j - 1, 0, -1):
-                x = backbone.step(backbone.policy(pretrained, x, t), x, t, noise[t])
-            r_hat, g_hat = reward(backbone.reward_input(x), penalty)
+            r_hat, g_hat = reward(backbone.reward_input(carry(backbone, pretrained, x_prev, j, noise)), penalty)
             (grad,) = torch.autograd.grad(((r_hat - g_hat) / reward.stats.y_std).sum(), x_prev)
         kl = (sigma**2 * grad.pow(2).sum(dim=(1, 2)) / (2 * alpha**2)).numpy()
         rows.append({"step": j, "sigma": float(sigma), "penalty": penalty, "n": n, "kl_mean": float(kl.mean()),

@@ -173,6 +173,16 @@ class FinetuneConfig:
     monitor_every: int = 25  # optimizer steps between monitoring points
 
 
+# finetune keys added after run directories and sweeps had been recorded, with their defaults: a record leaves
+# such a key out while it holds its default, so what was recorded before the key existed still matches
+FINETUNE_LATER_KEYS = {"pretrained_last_steps": 0}
+
+
+def without_later_defaults(finetune: dict) -> dict:
+    """A finetune section (a dict) less the FINETUNE_LATER_KEYS that hold their defaults."""
+    return {k: v for k, v in finetune.items() if k not in FINETUNE_LATER_KEYS or v != FINETUNE_LATER_KEYS[k]}
+
+
 @dataclass
 class EvalConfig:
     n_samples: int = 640  # designs sampled per method and scored by the oracle
@@ -524,6 +534,8 @@ def validate(cfg: Config) -> None:
     _check(1 <= ft.k <= df.steps, "finetune.k", ft.k, f"an integer in [1, diffusion.steps={df.steps}]")
     _check(0 <= ft.pretrained_last_steps < ft.k, "finetune.pretrained_last_steps", ft.pretrained_last_steps,
            f"an integer in [0, finetune.k={ft.k}) (the policy must act on one of the last K steps)")
+    _check(not (ft.randomize_k and ft.pretrained_last_steps), "finetune.randomize_k", ft.randomize_k,
+           "false with finetune.pretrained_last_steps > 0 (a drawn K <= N would leave no step of the policy's)")
     _check(cfg.domain == "sequence" or ft.pretrained_last_steps == 0, "finetune.pretrained_last_steps",
            ft.pretrained_last_steps, "0 with domain: image (a setting of the sequence samplers)")
     for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "monitor_every"):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from braid_ray.config import Config, ConfigError, from_dict, load_config, parse_override
+from braid_ray.config import Config, ConfigError, from_dict, load_config, parse_override, without_later_defaults
 from tests.conftest import ROOT
 
 
@@ -95,8 +95,18 @@ def test_no_module_reads_its_settings_from_the_environment() -> None:
     assert found == []
 
 
+def test_a_later_finetune_key_at_its_default_compares_equal_to_a_record_without_it() -> None:
+    old = {k: v for k, v in load_config().section("finetune")["finetune"].items() if k != "pretrained_last_steps"}
+    now = load_config().section("finetune")["finetune"]
+    assert old != now and without_later_defaults(now) == without_later_defaults(old) == old
+    assert without_later_defaults({**now, "pretrained_last_steps": 1})["pretrained_last_steps"] == 1
+
+
 def test_pretrained_last_steps_is_a_sequence_setting() -> None:
     assert load_config(None, ["finetune.pretrained_last_steps=1"]).finetune.pretrained_last_steps == 1
     with pytest.raises(ConfigError) as err:
         load_config(None, ["domain=image", "finetune.pretrained_last_steps=1"])
     assert "finetune.pretrained_last_steps: got 1, expected 0 with domain: image" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["finetune.pretrained_last_steps=1", "finetune.randomize_k=true"])
+    assert "finetune.randomize_k: got True, expected false with finetune.pretrained_last_steps > 0" in str(err.value)

@@ -98,3 +98,37 @@ def test_the_step_sensitivity_of_the_last_step_is_the_last_step_prediction(run: 
     assert bonus[0]["kl_mean"] == pytest.approx(row["kl_last_pred_bonus"], rel=1e-4)
     for s in steps:
         assert 0 <= s["kl_median"] <= s["kl_p99"] and np.isfinite(s["kl_mean"]) and s["sigma"] > 0
+
+
+def test_the_step_sensitivity_carries_the_gradient_back_through_the_pretrained_steps(run: Path) -> None:
+    """At j = 3 the closed form's KL equals the one built from a central finite-difference gradient of R(x0) with
+    respect to x_2, the pretrained steps 2 and 1 re-run with their noise held fixed (in float64)."""
+    _, _, _, backbone, pretrained, reward = rg.load_run(run)
+    pretrained, reward = pretrained.double(), reward.double()
+    backbone.temperature = 5.0  # a relaxation that is not saturated, so the gradient is not ~0
+    n, j, alpha, seed = 4, 3, 1e-3, 11
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the chain's prior and noise
+    try:
+        states, noise = rg.pretrained_chain(backbone, pretrained, n, seed)
+        with torch.no_grad():
+            mean, sigma = backbone.policy(pretrained, states[j], j)
+            x_prev = mean + sigma * noise[j]
+            torch.testing.assert_close(x_prev, states[j - 1])  # the trajectory's own x_{j-1} ...
+            torch.testing.assert_close(rg.carry(backbone, pretrained, x_prev, j, noise),  # ... and its own x0
+                                       rg.carry(backbone, pretrained, states[1], 2, noise))
+
+            def objective(x: torch.Tensor) -> torch.Tensor:
+                r_hat, g_hat = reward(backbone.reward_input(rg.carry(backbone, pretrained, x, j, noise)), "none")
+                return (r_hat - g_hat) / reward.stats.y_std
+
+            h, grad = 1e-6, torch.zeros_like(x_prev)
+            for idx in np.ndindex(*x_prev.shape[1:]):
+                e = torch.zeros_like(x_prev)
+                e[(slice(None), *idx)] = h
+                grad[(slice(None), *idx)] = (objective(x_prev + e) - objective(x_prev - e)) / (2 * h)
+        expected = float((sigma**2 * grad.pow(2).sum(dim=(1, 2)) / (2 * alpha**2)).mean())
+        row = rg.shift_sensitivity(backbone, pretrained, reward, [j], n, seed, alpha)[0]
+    finally:
+        torch.set_default_dtype(default)
+    assert expected > 0 and row["kl_mean"] == pytest.approx(expected, rel=1e-4)

@@ -57,6 +57,21 @@ def test_a_later_finetune_key_at_its_default_keeps_old_stages_and_set_is_a_confl
         pipeline.run(tiny_config(f"run.dir={run}", "finetune.pretrained_last_steps=1"))
 
 
+
+def test_pretrained_last_steps_reaches_the_trained_and_the_evaluated_policy(finished: Path) -> None:
+    from braid_ray.evaluate import pretrained_models, tuned_policy
+    from braid_ray.finetune.run import FinetuneJob, build_finetuner
+    from braid_ray.stages import data_stage
+
+    cfg = tiny_config(f"run.dir={finished}", "finetune.pretrained_last_steps=1")
+    length = data_stage(cfg, RunDir(str(finished))).d.length
+    tuner = build_finetuner(cfg, FinetuneJob(str(finished), "strl", length), seed=0)
+    backbone, pretrained = pretrained_models(cfg, RunDir(str(finished)), length)
+    evaluated = tuned_policy(cfg, RunDir(str(finished)), backbone, pretrained, "strl")
+    for policy in (tuner.policy, evaluated):
+        assert not policy.acts(1) and policy.acts(2)
+
+
 def test_a_second_run_in_the_same_directory_stops_naming_the_holder(tmp_path: Path) -> None:
     run = RunDir(str(tmp_path / "run"))
     with run.lock():

@@ -131,3 +131,10 @@ def test_run_debug_is_not_part_of_the_sweep_record(tmp_path: Path) -> None:
     """A failed sweep can be resumed with run.debug=true to see its traceback."""
     assert sweep_with(tmp_path, {}, "run.debug=true").record() == sweep_with(tmp_path).record()
     assert sweep_with(tmp_path, {}, "ray.num_workers=2").record() != sweep_with(tmp_path).record()
+
+
+def test_a_later_finetune_key_at_its_default_is_not_part_of_the_sweep_record(tmp_path: Path) -> None:
+    """A sweep started before finetune.pretrained_last_steps existed has no such key in its record; it resumes."""
+    assert "pretrained_last_steps" not in sweep_with(tmp_path).record()["base"]["finetune"]
+    assert sweep_with(tmp_path, {}, "finetune.pretrained_last_steps=1").record()["base"]["finetune"][
+        "pretrained_last_steps"] == 1

@@ -66,7 +66,7 @@ class ConvDenoiser(nn.Module):
         return torch.where(y.isnan()[:, None], self.null_label, self.label(torch.nan_to_num(y)[:, None]))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.emb(time_embedding(t, self.emb_dim))
+        emb = self.emb(time_embedding(t, self.emb_dim).to(x.dtype))
         if self.conditional:
             emb = emb + self.label_embedding(y, x.shape[0])
         elif y is not None:

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from braid_ray.config import Config, TrackingConfig
+from braid_ray.config import FINETUNE_LATER_KEYS, Config, TrackingConfig
 from braid_ray.rundir import Stage
 
 log = logging.getLogger(__name__)
@@ -140,11 +140,6 @@ def run_summary(history: list[dict], alpha: float, plateau: tuple[int, float] = 
 
 # finetune keys that change how a run is shown, not its result (left out of the stage record)
 FINETUNE_RUN_KEYS = ("methods", "log_every")
-# finetune keys added after stages had been recorded, with their defaults: in the record only when set, so a
-# stage made before a key existed (and every run that leaves it at its default) keeps its fingerprint
-FINETUNE_LATER_KEYS = {"pretrained_last_steps": 0}
-
-
 def finetune_record_drop(cfg: Config) -> tuple[str, ...]:
     """The finetune keys a fine-tuning stage's record leaves out for ``cfg``."""
     later = tuple(k for k, default in FINETUNE_LATER_KEYS.items() if getattr(cfg.finetune, k) == default)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from braid_ray.config import (Config, ConfigError, build_dataclass, from_dict, load_config, parse_override,
-                              read_yaml)
+                              read_yaml, without_later_defaults)
 
 SEED_KEY = "run.seed"
 # selection metric: the mean oracle score of a trial's final samples (the budget), each design the validity rule
@@ -102,6 +102,7 @@ class Sweep:
             settings.pop("gpus_per_trial")
         base = self.base.to_dict()
         base["run"].pop("debug")  # how a failure is shown, not what the trials compute
+        base["finetune"] = without_later_defaults(base["finetune"])  # sweeps recorded before such a key still resume
         return {"base": base, "search": self.search, "settings": settings}
 
     def grid_size(self) -> int | None:

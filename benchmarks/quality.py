@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -55,6 +58,18 @@ def _append(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+@contextmanager
+def _held(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) while the block reads and appends its rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_reproduced(path: Path, seed: int, label: str, metrics: dict) -> None:
@@ -162,20 +177,22 @@ def _evaluate(base, run: Path, alpha: float, todo: list[str], out: Path, done: s
               "config": {k: v for k, v in cfg.section("finetune")["finetune"].items() if k != "methods"}}
     # The design sets that do not depend on alpha (Pretrained, the baselines, the references), once per seed.
     fixed = {n: m for n, m in {**metrics["methods"], **metrics["references"]}.items() if n not in LABELS.values()}
-    done |= _done(out)  # rows another process (another alpha of the same seed) appended meanwhile
-    for label, m in fixed.items():
-        if (seed, None, label) in done:
-            _check_reproduced(out, seed, label, m)
-            continue
-        knobs = metrics.get("baselines", {}).get(label)
-        setting = {"setting": knobs["chosen"], "setting_queries": knobs["queries"]} if knobs else {}
-        _append(out, {**common, "alpha": None, "method": label, **_scalars(m), **setting})
-        done.add((seed, None, label))
-    for method in todo:
-        summary = json.loads((run / "finetune" / method / "summary.json").read_text())
-        _append(out, {**common, "alpha": alpha, "method": LABELS[method],
-                      **_scalars(metrics["methods"][LABELS[method]]),
-                      **{f"ft_{k}": v for k, v in _scalars(summary).items()}, "ft_stopped": summary.get("stopped")})
+    with _held(out):  # another process (another alpha of the same seed) may append to the same file
+        done |= _done(out)  # the rows it appended meanwhile
+        for label, m in fixed.items():
+            if (seed, None, label) in done:
+                _check_reproduced(out, seed, label, m)
+                continue
+            knobs = metrics.get("baselines", {}).get(label)
+            setting = {"setting": knobs["chosen"], "setting_queries": knobs["queries"]} if knobs else {}
+            _append(out, {**common, "alpha": None, "method": label, **_scalars(m), **setting})
+            done.add((seed, None, label))
+        for method in todo:
+            summary = json.loads((run / "finetune" / method / "summary.json").read_text())
+            _append(out, {**common, "alpha": alpha, "method": LABELS[method],
+                          **_scalars(metrics["methods"][LABELS[method]]),
+                          **{f"ft_{k}": v for k, v in _scalars(summary).items()},
+                          "ft_stopped": summary.get("stopped")})
     log.info("%s seed %d alpha %g: %s in %.0f s", name, seed, alpha, ", ".join(todo) or "baselines",
              time.perf_counter() - start)
 

@@ -152,3 +152,14 @@ def test_rows_another_process_appended_meanwhile_are_not_appended_twice(tmp_path
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["method"], r["alpha"]) for r in rows] == [("Pretrained", None), ("ref: poly-T", None), ("STRL", 0.01)]
     assert rows[-1]["median"] == 0.7 and rows[-1]["ft_steps_run"] == 3
+
+
+def test_the_rows_file_is_held_while_one_process_reads_and_appends(tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "rows.jsonl"
+    with quality._held(out), out.open("a") as other:  # a second open file, as another process would have
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with out.open("a") as other:  # released after the block
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

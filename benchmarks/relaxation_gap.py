@@ -50,12 +50,12 @@ STEPS = (1, 2, 3, 5, 8, 12, 16, 20, 30)
 log = logging.getLogger("relaxation_gap")
 
 
-def objective_grad_sq(reward, backbone, x0: torch.Tensor, penalty: str) -> torch.Tensor:
-    """|d R / d x0|^2 per sample (n,), R = (r_hat - g_hat) / std_y on the relaxed input, with g_hat under
-    ``penalty`` ("none": the reward alone): the gradient a shift of the last step's mean sees."""
+def objective_grad_sq(reward, backbone, x: torch.Tensor, penalty: str, to_x0=lambda x: x) -> torch.Tensor:
+    """|d R / d x|^2 per sample (n,), R = (r_hat - g_hat) / std_y on the relaxed input of x0 = ``to_x0(x)``, with
+    g_hat under ``penalty`` ("none": the reward alone): the gradient a shift of x sees (x = x0: the last step)."""
     with torch.enable_grad():
-        x = x0.detach().clone().requires_grad_(True)
-        r_hat, g_hat = reward(backbone.reward_input(x), penalty)
+        x = x.detach().clone().requires_grad_(True)
+        r_hat, g_hat = reward(backbone.reward_input(to_x0(x)), penalty)
         (grad,) = torch.autograd.grad(((r_hat - g_hat) / reward.stats.y_std).sum(), x)
     return grad.pow(2).sum(dim=(1, 2))
 
@@ -126,11 +126,10 @@ def shift_sensitivity(backbone, pretrained, reward, steps: list[int], n: int, se
     for j in steps:
         with torch.no_grad():
             mean, sigma = backbone.policy(pretrained, states[j], j)
-        x_prev = (mean + sigma * noise[j]).requires_grad_(True)  # x_{j-1}
-        with torch.enable_grad():
-            r_hat, g_hat = reward(backbone.reward_input(carry(backbone, pretrained, x_prev, j, noise)), penalty)
-            (grad,) = torch.autograd.grad(((r_hat - g_hat) / reward.stats.y_std).sum(), x_prev)
-        kl = (sigma**2 * grad.pow(2).sum(dim=(1, 2)) / (2 * alpha**2)).numpy()
+        x_prev = mean + sigma * noise[j]  # x_{j-1}
+        grad_sq = objective_grad_sq(reward, backbone, x_prev, penalty,
+                                    lambda x, j=j: carry(backbone, pretrained, x, j, noise))
+        kl = (sigma**2 * grad_sq / (2 * alpha**2)).numpy()
         rows.append({"step": j, "sigma": float(sigma), "penalty": penalty, "n": n, "kl_mean": float(kl.mean()),
                      "kl_median": float(np.median(kl)), "kl_p99": float(np.quantile(kl, 0.99))})
     return rows
@@ -146,8 +145,8 @@ def load_run(run: Path):
             load_reward(str(run), "bonus", cfg.finetune.strength))
 
 
-def run_dir_rows(run: Path, n: int) -> list[dict]:
-    cfg, rd, oracle, backbone, pretrained, reward = load_run(run)
+def run_dir_rows(run: Path, n: int, loaded: tuple | None = None) -> list[dict]:
+    cfg, rd, oracle, backbone, pretrained, reward = loaded or load_run(run)
     rows = []
     policies = {"Pretrained": FineTunedPolicy(backbone, pretrained, cfg.finetune.parameterization)}
     for method in cfg.finetune.methods:
@@ -177,9 +176,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def steps_rows(run: Path, steps: list[int], n: int) -> list[dict]:
+def steps_rows(run: Path, steps: list[int], n: int, loaded: tuple | None = None) -> list[dict]:
     """``shift_sensitivity`` of the run's pretrained model, for the reward alone and under the bonus."""
-    cfg, _, _, backbone, pretrained, reward = load_run(run)
+    cfg, _, _, backbone, pretrained, reward = loaded or load_run(run)
     name = str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run)
     steps = [j for j in steps if j <= backbone.steps]
     return [{"run": name, "seed": cfg.run.seed, "alpha": cfg.finetune.alpha, **row}
@@ -234,18 +233,18 @@ def main() -> None:
     for r in runs:
         if not (r / "eval" / "config.yaml").is_file():
             raise SystemExit(f"{r}: no finished eval stage (eval/config.yaml); give a quality-benchmark run directory")
-    rows = _merge(JSONL, [row for r in runs for row in run_dir_rows(r, args.n)])
     # one sensitivity table per pretrained model: run directories of one seed share it, and a stored one is kept
     stored = [json.loads(line) for line in STEPS_JSONL.read_text().splitlines()] if STEPS_JSONL.exists() else []
-    pretrained = {row.get("pretrain") for row in stored}
-    todo = []
+    measured = {row.get("pretrain") for row in stored}
+    new, new_steps = [], []
     for r in runs:
-        fp = RunDir(str(r)).stage("pretrain").read_json("stage.json")["fingerprint"]
-        if fp not in pretrained:
-            pretrained.add(fp)
-            todo.append((r, fp))
-    step_rows = _merge(STEPS_JSONL, [{**row, "pretrain": fp} for r, fp in todo
-                                     for row in steps_rows(r, args.steps, args.n)])
+        loaded = load_run(r)  # once per run: both tables read it
+        new += run_dir_rows(r, args.n, loaded)
+        fp = loaded[1].stage("pretrain").read_json("stage.json")["fingerprint"]
+        if fp not in measured:
+            measured.add(fp)
+            new_steps += [{**row, "pretrain": fp} for row in steps_rows(r, args.steps, args.n, loaded)]
+    rows, step_rows = _merge(JSONL, new), _merge(STEPS_JSONL, new_steps)
     print(write_report(rows, step_rows, args.n))
 
 

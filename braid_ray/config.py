@@ -178,9 +178,15 @@ class FinetuneConfig:
 FINETUNE_LATER_KEYS = {"pretrained_last_steps": 0}
 
 
+def later_defaults(finetune: dict) -> tuple[str, ...]:
+    """The FINETUNE_LATER_KEYS that a finetune section (a dict) leaves at their defaults, or lacks."""
+    return tuple(k for k, default in FINETUNE_LATER_KEYS.items() if finetune.get(k, default) == default)
+
+
 def without_later_defaults(finetune: dict) -> dict:
     """A finetune section (a dict) less the FINETUNE_LATER_KEYS that hold their defaults."""
-    return {k: v for k, v in finetune.items() if k not in FINETUNE_LATER_KEYS or v != FINETUNE_LATER_KEYS[k]}
+    drop = later_defaults(finetune)
+    return {k: v for k, v in finetune.items() if k not in drop}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from braid_ray.config import FINETUNE_LATER_KEYS, Config, TrackingConfig
+from braid_ray.config import Config, TrackingConfig, later_defaults
 from braid_ray.rundir import Stage
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,12 @@ def run_summary(history: list[dict], alpha: float, plateau: tuple[int, float] = 
 
 # finetune keys that change how a run is shown, not its result (left out of the stage record)
 FINETUNE_RUN_KEYS = ("methods", "log_every")
+
+
 def finetune_record_drop(cfg: Config) -> tuple[str, ...]:
-    """The finetune keys a fine-tuning stage's record leaves out for ``cfg``."""
-    later = tuple(k for k, default in FINETUNE_LATER_KEYS.items() if getattr(cfg.finetune, k) == default)
-    return FINETUNE_RUN_KEYS + later
+    """The finetune keys a fine-tuning stage's record leaves out for ``cfg``: the run keys, and the later keys
+    at their defaults (so stages recorded before those keys existed keep their fingerprints)."""
+    return FINETUNE_RUN_KEYS + later_defaults(cfg.section("finetune")["finetune"])
 
 
 def write_finetune_summary(cfg: Config, stage: Stage, method: str, history: list[dict], seconds: float) -> dict:

@@ -51,7 +51,9 @@ def pretrain_runner(cfg: Config, run_dir: RunDir) -> PretrainRunner:
         return pretrain_in_process
     from braid_ray.distributed.train import pretrain_on_ray
 
-    return lambda c, codes: pretrain_on_ray(c, codes, _ray_storage(run_dir, "pretrain"), f"pretrain-seed{c.run.seed}")
+    # Ray Train keeps its own checkpoints (one per pass) under the stage's ray/ folder, and resumes from them
+    return lambda c, codes, _stage: pretrain_on_ray(c, codes, _ray_storage(run_dir, "pretrain"),
+                                                    f"pretrain-seed{c.run.seed}")
 
 
 def finetune_runner(cfg: Config, run_dir: RunDir) -> FinetuneRunner:

@@ -28,7 +28,8 @@ from braid_ray.data.splits import Splits, check_offline, offline_splits, summari
 from braid_ray.data.tables import Labelled, check_file
 from braid_ray.data.tasks import Task, get_task
 from braid_ray.devices import resolve_device
-from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrain
+from braid_ray.diffusion.pretrain import (build_backbone, build_denoiser, load_training_state, pretrain,
+                                          training_state_bytes)
 from braid_ray.finetune.run import FinetuneJob, build_finetuner, load_trainer_state, trainer_state_files
 from braid_ray.finetune.loop import Save, drive, finetune_record_drop, tracking_sinks, write_finetune_summary
 from braid_ray.finetune.trainer import Monitor
@@ -185,18 +186,47 @@ def reward_stage(cfg: Config, run: RunDir, data: DataResult, trainer: MemberTrai
 # ------------------------------------------------------------------------------------------------
 # Diffusion pretraining and fine-tuning
 
-# (config, sequences (N, L)) -> (denoiser state dict, per-epoch losses)
-PretrainRunner = Callable[[Config, np.ndarray], tuple[dict, list[float]]]
+# (config, sequences (N, L), stage) -> (denoiser state dict, per-epoch losses)
+PretrainRunner = Callable[[Config, np.ndarray, Stage], tuple[dict, list[float]]]
 # (config, job, stage) -> (trainable state dict, per-step history)
 FinetuneRunner = Callable[[Config, FinetuneJob, Stage], tuple[dict, list[dict]]]
+TRAINING_STATE = "training_state.pt"  # the last finished pass of an in-process pretraining (or conditional model)
 
 
-def pretrain_in_process(cfg: Config, codes: np.ndarray) -> tuple[dict, list[float]]:
+def unreadable_checkpoint(cfg: Config, stage: Stage, what: str, error: Exception) -> None:
+    """An interrupted run's checkpoint that cannot be read (truncated, or another format): stop, naming it, unless
+    run.overwrite is set; then the run starts again."""
+    where = f"{stage.run.uri}/{stage.name}"
+    if not cfg.run.overwrite:
+        raise StageCorrupt(f"{where}: the interrupted run's checkpoint cannot be read ({type(error).__name__}: "
+                           f"{error}). Delete {where}, or set run.overwrite=true, to start it again.") from error
+    log.warning("%s: starting again (run.overwrite=true): its checkpoint cannot be read (%s)", what, error)
+
+
+def pass_checkpoints(cfg: Config, stage: Stage, what: str) -> tuple[dict | None, Callable[[dict], None]]:
+    """For ``pretrain``'s ``resume`` and ``save``: the training state an interrupted run of ``stage`` left after its
+    last finished pass (None: start afresh), and the function that writes one after every pass."""
+    resume = None
+    if stage.exists(TRAINING_STATE):
+        try:
+            resume = load_training_state(stage.read_bytes(TRAINING_STATE))
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file, whatever the parser says
+            unreadable_checkpoint(cfg, stage, what, e)
+        else:
+            log.info("%s: resumed after pass %d", what, len(resume["losses"]))
+    return resume, lambda state: stage.write_bytes(TRAINING_STATE, training_state_bytes(state))
+
+
+def pretrain_in_process(cfg: Config, codes: np.ndarray, stage: Stage) -> tuple[dict, list[float]]:
+    """Pretraining in this process (on ``run.device``), saving its state into ``stage`` after every pass and
+    resuming from the last one an interrupted run left."""
     device = resolve_device(cfg.run.device)
     backbone = build_backbone(cfg.diffusion, codes.shape[1])
     model = build_denoiser(cfg.diffusion, codes.shape[1], seed=cfg.run.seed).to(device)
+    resume, save = pass_checkpoints(cfg, stage, "pretrain")
     losses = pretrain(model, backbone, codes, cfg.diffusion, cfg.run.seed, device=device,
-                      on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d: loss %.4f", e, cfg.diffusion.epochs, loss))
+                      on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d: loss %.4f", e, cfg.diffusion.epochs, loss),
+                      save=save, resume=resume)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, losses
 
 
@@ -208,7 +238,7 @@ def pretrain_stage(cfg: Config, run: RunDir, data: DataResult, runner: PretrainR
     def make() -> str:
         log.info("pretrain: %d sequences, T=%d, %d epochs", len(data.d), cfg.diffusion.steps, cfg.diffusion.epochs)
         start = time.perf_counter()
-        state, losses = runner(cfg, data.d.codes)
+        state, losses = runner(cfg, data.d.codes, stage)
         stage.write_bytes("denoiser.safetensors", save_safetensors({k: v.contiguous() for k, v in state.items()}))
         seconds = time.perf_counter() - start
         stage.write_json("losses.json", {"epoch_loss": losses, "seconds": seconds})
@@ -262,12 +292,7 @@ def finetune_in_process(cfg: Config, job: FinetuneJob, stage: Stage) -> tuple[di
                 history = load_trainer_state(tuner, Path(tmp))
             log.info("fine-tune %s: resumed at step %d", job.method, tuner.step)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign checkpoint, whatever the parser says
-            where = f"{job.run_dir}/{stage.name}"
-            if not cfg.run.overwrite:
-                raise StageCorrupt(f"{where}: the interrupted run's checkpoint cannot be read ({type(e).__name__}: "
-                                   f"{e}). Delete {where}, or set run.overwrite=true, to start it again.") from e
-            log.warning("fine-tune %s: starting again (run.overwrite=true): its checkpoint cannot be read (%s)",
-                        job.method, e)
+            unreadable_checkpoint(cfg, stage, f"fine-tune {job.method}", e)
             tuner = build_finetuner(cfg, job, seed=cfg.run.seed, device=resolve_device(cfg.run.device),
                                     monitor=oracle_monitor(cfg, job.run_dir))
             history = []
@@ -330,11 +355,12 @@ def conditional_stage(cfg: Config, run: RunDir, data: DataResult, name: str) -> 
         backbone = build_backbone(cfg.diffusion, data.d.length)
         seed = int(np.random.SeedSequence([cfg.run.seed, 21, sorted(BASELINES).index(name)]).generate_state(1)[0])
         model = conditional_denoiser(cfg.diffusion, data.d.length, backbone.in_channels, seed).to(device)
+        resume, save = pass_checkpoints(cfg, stage, f"baseline {name}")
         start = time.perf_counter()
         losses = train_conditional(model, backbone, codes, labels, cfg.diffusion, training["epochs"], b.label_dropout,
                                    seed, ddom_weights(labels) if training["reweight"] else None, device,
                                    lambda e, loss: log.info("baseline %s epoch %d/%d: loss %.4f", name, e,
-                                                            training["epochs"], loss))
+                                                            training["epochs"], loss), save=save, resume=resume)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         stage.write_bytes("denoiser.safetensors", save_safetensors(state))
         stage.write_json("labels.json", {"rows": len(codes), "labelled": labelled, "mean": mean, "std": std,

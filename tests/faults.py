@@ -1,4 +1,5 @@
-"""Deterministic faults for the fault-tolerance tests, installed in Ray workers by patching FineTuner.train_step.
+"""Deterministic faults for the fault-tolerance tests, installed in Ray workers by patching FineTuner.train_step
+(or, for pretraining, the pass-end checkpoint of ``braid_ray.distributed.train``'s ``pretrain``).
 
 Nothing in braid_ray knows about them. Every step a patched worker starts is appended to
 ``<directory>/steps_rank<r>.log``, so a test can tell a resume from the last checkpoint (1 2 3 | 3 4) from a
@@ -24,8 +25,9 @@ import torch.distributed as dist
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 
-def committed_step(run: str | Path) -> int:
-    """The step of the latest checkpoint Ray Train has committed for the run in ``run`` (its storage folder).
+def committed_step(run: str | Path, key: str = "step") -> int:
+    """The step (or pass, ``key="epoch"``) of the latest checkpoint Ray Train has committed for the run in ``run``
+    (its storage folder).
 
     A report only counts once the controller has collected it from every worker; a worker killed in between
     loses it, so a deterministic fault waits for the commit before it fires.
@@ -34,12 +36,12 @@ def committed_step(run: str | Path) -> int:
         latest = json.loads((Path(run) / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).read_text())["latest_checkpoint_result"]
     except (FileNotFoundError, json.JSONDecodeError):  # none yet, or being written
         return 0
-    return int(latest["metrics"]["step"]) if latest else 0
+    return int(latest["metrics"][key]) if latest else 0
 
 
-def wait_for_commit(run: str | Path, step: int, timeout: float = 120.0) -> None:
+def wait_for_commit(run: str | Path, step: int, timeout: float = 120.0, key: str = "step") -> None:
     deadline = time.monotonic() + timeout
-    while committed_step(run) < step:
+    while committed_step(run, key) < step:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no checkpoint of step {step} committed in {run} after {timeout:.0f} s")
         time.sleep(0.1)
@@ -99,6 +101,38 @@ def install(directory: str, kind: str, step: int, rank: int = 0) -> None:
     FineTuner.train_step = train_step
 
 
+def install_pretrain_kill(directory: str, after_pass: int, rank: int) -> None:
+    """Patch the Ray pretraining worker's ``pretrain`` in this process: log every pass each rank finishes, and
+    SIGKILL ``rank`` once the checkpoint of ``after_pass`` is committed (once: the restarted group runs clean)."""
+    import ray.train
+
+    from braid_ray.distributed import train
+
+    if getattr(train.pretrain, "_fault", None):
+        return
+    folder = Path(directory)
+    original = train.pretrain
+
+    def pretrain(*args, save, **kwargs):
+        def logged(state: dict) -> None:
+            me, done = (dist.get_rank() if dist.is_initialized() else 0), len(state["losses"])
+            save(state)
+            with open(folder / f"passes_rank{me}.log", "a") as f:
+                f.write(f"{done}\n")
+            if done == after_pass and me == rank and _first_time(folder, "kill"):
+                wait_for_commit(ray.train.get_context().get_storage().experiment_fs_path, done, key="epoch")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return original(*args, save=logged, **kwargs)
+
+    pretrain._fault = True
+    train.pretrain = pretrain
+
+
+def passes_finished(directory: str | Path, rank: int = 0) -> list[int]:
+    return _logged(Path(directory) / f"passes_rank{rank}.log")
+
+
 def from_env() -> None:
     """The worker_process_setup_hook of a submitted job: install the fault BRAID_FAULT names, if any."""
     spec = os.environ.get("BRAID_FAULT")
@@ -108,5 +142,8 @@ def from_env() -> None:
 
 
 def steps_started(directory: str | Path, rank: int = 0) -> list[int]:
-    path = Path(directory) / f"steps_rank{rank}.log"
+    return _logged(Path(directory) / f"steps_rank{rank}.log")
+
+
+def _logged(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.is_file() else []

@@ -1,4 +1,5 @@
-"""Fine-tuning on Ray Train survives a killed worker, stops cleanly on a NaN, and loads checkpoints without pickle.
+"""Fine-tuning and pretraining on Ray Train survive a killed worker; fine-tuning stops cleanly on a NaN and loads
+checkpoints without pickle.
 
 The faults are injected by patching FineTuner inside the Ray workers (tests/faults.py); braid_ray has no test
 hooks. The reward, pretrained model and data come from a tiny in-process run shared by the module.
@@ -81,6 +82,34 @@ def test_killed_worker_resumes_from_its_last_checkpoint(upstream: Path, ray_loca
                                    err_msg=key)
     for name, weights in state.items():
         torch.testing.assert_close(weights, reference[0][name], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow  # two Ray Train pretrainings of 2 workers, one of them restarted
+def test_killed_pretraining_worker_resumes_after_its_last_pass(ray_local, tmp_path: Path, monkeypatch) -> None:
+    cfg = load_config(None, [*FAST, "ray.num_workers=2", "diffusion.epochs=3", "diffusion.batch_size=256"])
+    codes = np.random.default_rng(0).integers(0, 4, (512, LENGTH)).astype(np.int8)
+    reference, reference_losses = train.pretrain_on_ray(cfg, codes, str(tmp_path / "ray"), "uninterrupted")
+
+    faults_dir = tmp_path / "faults"
+    faults_dir.mkdir()
+
+    def worker(config: dict) -> list[float]:
+        faults.install_pretrain_kill(str(faults_dir), after_pass=1, rank=1)
+        from braid_ray.distributed import train as unpatched
+
+        return unpatched._pretrain_worker(config)
+
+    monkeypatch.setattr(train, "_pretrain_worker", worker)
+    state, losses = train.pretrain_on_ray(cfg, codes, str(tmp_path / "ray"), "killed")
+
+    assert (faults_dir / "kill.fired").is_file()
+    # The restarted group went on after pass 1 (a restart from scratch would log 1, 1, 2, 3).
+    for rank in (0, 1):
+        assert faults.passes_finished(faults_dir, rank) == [1, 2, 3]
+    # Each rank's own noise streams came back with the weights and Adam: the uninterrupted run, exactly.
+    assert losses == reference_losses
+    for name, weights in reference.items():
+        torch.testing.assert_close(state[name], weights, rtol=0, atol=0)
 
 
 @pytest.mark.slow  # a Ray Train run of 2 workers, restarted

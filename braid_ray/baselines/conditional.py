@@ -103,12 +103,14 @@ def ddom_weights(y: np.ndarray) -> np.ndarray:
 def train_conditional(model: ConvDenoiser, backbone: Backbone, codes: np.ndarray, labels: np.ndarray,
                       cfg: DiffusionConfig, epochs: int, label_dropout: float, seed: int,
                       weights: np.ndarray | None = None, device: torch.device | None = None,
-                      on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
+                      on_epoch: Callable[[int, float], None] | None = None,
+                      save: Callable[[dict], None] | None = None, resume: dict | None = None) -> list[float]:
     """Train ``model`` (on ``device``) as pretraining does (``diffusion.pretrain.pretrain``: the backbone's own loss,
     Adam with cosine decay, cfg.batch_size rows per step) on codes (N, L) with their labels (N,) (NaN = no label)
     for ``epochs`` passes; each step drops a row's label with probability ``label_dropout`` (the unconditional
     model that guidance needs). ``weights`` (N,): draw each pass's rows with these probabilities (with
-    replacement) instead of a permutation. Returns the mean loss per pass."""
+    replacement) instead of a permutation. ``save`` / ``resume``: checkpoints after every pass, as in ``pretrain``.
+    Returns the mean loss per pass."""
     device = device or torch.device("cpu")
     y_all = torch.as_tensor(labels, dtype=torch.float32, device=device)
 
@@ -118,4 +120,4 @@ def train_conditional(model: ConvDenoiser, backbone: Backbone, codes: np.ndarray
         return WithLabels(model, y)
 
     return pretrain(model, backbone, codes, cfg, seed, device=device, on_epoch=on_epoch, epochs=epochs,
-                    weights=weights, batch_model=with_labels)
+                    weights=weights, batch_model=with_labels, save=save, resume=resume)

@@ -2,13 +2,16 @@
 NELBO), Adam, cosine decay.
 
 Runs in one process or as one rank of a data-parallel group (the caller wraps ``model`` in DDP and gives
-each rank its own shard of rows); the loop is the same.
+each rank its own shard of rows); the loop is the same. After every pass it can hand its whole training state
+to the caller, and it continues from such a state as if never interrupted (``training_state_bytes``).
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +54,8 @@ def pretrain(model: nn.Module, backbone: Backbone, codes: np.ndarray, cfg: Diffu
              seed: int, batch_size: int | None = None, device: torch.device | None = None,
              on_epoch: Callable[[int, float], None] | None = None, *, epochs: int | None = None,
              weights: np.ndarray | None = None,
-             batch_model: Callable[[torch.Tensor, torch.Generator], nn.Module] | None = None) -> list[float]:
+             batch_model: Callable[[torch.Tensor, torch.Generator], nn.Module] | None = None,
+             save: Callable[[dict[str, Any]], None] | None = None, resume: dict[str, Any] | None = None) -> list[float]:
     """Train ``model`` (the backbone's denoiser, already on ``device``) on one-hot ``codes`` (N, L) for cfg.epochs
     (or ``epochs``) passes with the backbone's own loss; returns the mean loss per pass. Adam at cfg.lr with cosine
     decay. The rows, the noise and its generator live on ``device`` (default: the CPU).
@@ -60,6 +64,10 @@ def pretrain(model: nn.Module, backbone: Backbone, codes: np.ndarray, cfg: Diffu
     rows with these probabilities (with replacement) instead of a permutation. ``batch_model(rows, generator)``: the
     module the loss calls for a batch of row indices (a label-conditioned model with the batch's labels,
     ``baselines/conditional.py``), drawing any noise it needs from the training generator; default ``model``.
+
+    ``save(state)`` is called after every pass with the whole training state: the weights, Adam's moments, the
+    schedule, both random streams and the losses so far. ``resume``: such a state; the remaining passes then run
+    exactly as they would have without the interruption.
     """
     batch_size = batch_size or cfg.batch_size
     epochs = cfg.epochs if epochs is None else epochs
@@ -70,9 +78,17 @@ def pretrain(model: nn.Module, backbone: Backbone, codes: np.ndarray, cfg: Diffu
     steps_per_epoch = max(1, math.ceil(len(codes) / batch_size))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    losses = []
+    losses: list[float] = []
+    module = getattr(model, "module", model)  # under DDP, the wrapped model's weights (the same on every rank)
+    if resume is not None:
+        module.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["schedule"])
+        g.set_state(resume["generator"])
+        rng.bit_generator.state = resume["rng"]
+        losses = list(resume["losses"])
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(len(losses), epochs):
         order = rng.permutation(len(codes)) if weights is None else rng.choice(len(codes), len(codes), p=weights)
         order = torch.from_numpy(order).to(device)
         total = 0.0
@@ -90,4 +106,23 @@ def pretrain(model: nn.Module, backbone: Backbone, codes: np.ndarray, cfg: Diffu
         losses.append(total / steps_per_epoch)
         if on_epoch is not None:
             on_epoch(epoch + 1, losses[-1])
+        if save is not None:
+            save({"model": module.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                  "generator": g.get_state(), "rng": rng.bit_generator.state, "losses": losses})
     return losses
+
+
+def training_state_bytes(state: dict[str, Any]) -> bytes:
+    """``pretrain``'s training state as a file (tensors and plain Python values; read without pickle)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def load_training_state(data: bytes) -> dict[str, Any]:
+    """The training state ``training_state_bytes`` wrote, on the CPU (``pretrain`` moves it where it trains)."""
+    state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    missing = {"model", "optimizer", "schedule", "generator", "rng", "losses"} - set(state)
+    if missing:
+        raise ValueError(f"not a pretraining state: no {sorted(missing)}")
+    return state

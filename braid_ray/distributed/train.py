@@ -28,7 +28,8 @@ from ray.train.torch import TorchTrainer, prepare_model
 from safetensors.torch import load_file, save_file
 
 from braid_ray.config import Config
-from braid_ray.diffusion.pretrain import build_backbone, build_denoiser, pretrain
+from braid_ray.diffusion.pretrain import (build_backbone, build_denoiser, load_training_state, pretrain,
+                                          training_state_bytes)
 from braid_ray.distributed import cluster
 from braid_ray.distributed.workers import (MAX_FAILURES, RayTrainSink, average_gradients, check_storage, fit,
                                            local_dir, mean_over_ranks, run_config, setup_worker, synced)
@@ -53,36 +54,52 @@ STEP_KEYS = [f.name for f in fields(StepMetrics)] + TIMING_KEYS
 def _pretrain_worker(config: dict) -> list[float]:
     w = setup_worker(config)
     cfg = w.cfg
-    finished = ray.train.get_checkpoint()
-    if finished is not None:  # only the last epoch reports a checkpoint: a re-run after the driver died
-        with finished.as_directory() as d:
-            if Path(d, "losses.json").is_file():
+    seed = cfg.run.seed + 1000 * w.rank
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group, or a re-submitted job: go on after the last pass
+        with checkpoint.as_directory() as d:
+            if Path(d, "losses.json").is_file():  # the last pass's checkpoint: the run had finished
                 return json.loads(Path(d, "losses.json").read_text())
+            resume = _rank_state(Path(d), w.rank, seed, w.device)
+        if w.rank == 0:
+            log.info("pretrain: resumed after pass %d", len(resume["losses"]))
     codes = np.array(ray.get(config["codes"]), dtype=np.int8)  # a writable copy of the object store's read-only view
     shard = codes[w.rank::w.world]
     backbone = build_backbone(cfg.diffusion, codes.shape[1])
     # the same initial weights on every rank; prepare_model moves the module to w.device before DDP wraps it
     model = prepare_model(build_denoiser(cfg.diffusion, codes.shape[1], seed=cfg.run.seed))
-    losses: list[float] = []
 
-    def on_epoch(epoch: int, loss: float) -> None:
-        losses.append(loss)
-        metrics = mean_over_ranks({"epoch": float(epoch), "loss": loss}, w.device)
+    def save(state: dict) -> None:
+        """After every pass: each rank's training state (its own noise streams) into one merged checkpoint, and
+        after the last one the denoiser and the losses too."""
+        epoch = len(state["losses"])
+        metrics = mean_over_ranks({"epoch": float(epoch), "loss": state["losses"][-1]}, w.device)
         if w.rank == 0:
             log.info("pretrain epoch %d/%d: loss %.4f", epoch, cfg.diffusion.epochs, metrics["loss"])
-        if epoch < cfg.diffusion.epochs:
-            ray.train.report(metrics)
-            return
         with tempfile.TemporaryDirectory() as tmp:
-            if w.rank == 0:
-                module = model.module if hasattr(model, "module") else model
-                save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+            Path(tmp, f"pretrain_rank{w.rank}.pt").write_bytes(training_state_bytes(state))
+            if w.rank == 0 and epoch == cfg.diffusion.epochs:
+                save_file({k: v.detach().cpu().contiguous() for k, v in state["model"].items()},
                           f"{tmp}/denoiser.safetensors")
-                Path(tmp, "losses.json").write_text(json.dumps(losses))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if w.rank == 0 else None)
+                Path(tmp, "losses.json").write_text(json.dumps(state["losses"]))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
-    return pretrain(model, backbone, shard, cfg.diffusion, cfg.run.seed + 1000 * w.rank, device=w.device,
-                    batch_size=_share(cfg.diffusion.batch_size, w.world, "diffusion.batch_size"), on_epoch=on_epoch)
+    return pretrain(model, backbone, shard, cfg.diffusion, seed, device=w.device,
+                    batch_size=_share(cfg.diffusion.batch_size, w.world, "diffusion.batch_size"), save=save,
+                    resume=resume)
+
+
+def _rank_state(directory: Path, rank: int, seed: int, device: torch.device) -> dict:
+    """This rank's training state from a pretraining checkpoint. A checkpoint written by fewer workers has none for
+    this rank: it takes rank 0's weights and optimizer (DDP keeps them equal) with fresh noise streams of its own."""
+    own = directory / f"pretrain_rank{rank}.pt"
+    state = load_training_state((own if own.is_file() else directory / "pretrain_rank0.pt").read_bytes())
+    if not own.is_file():
+        fresh = seed + len(state["losses"])
+        state["generator"] = torch.Generator(device=device).manual_seed(fresh).get_state()
+        state["rng"] = np.random.default_rng(fresh).bit_generator.state
+    return state
 
 
 def _share(total: int, world: int, key: str) -> int:
@@ -101,7 +118,7 @@ def pretrain_on_ray(cfg: Config, codes: np.ndarray, storage_path: str, name: str
         train_loop_config={"cfg": cfg.to_dict(), "threads": cluster.threads_per_worker(cfg.ray),
                            "codes": ray.put(np.asarray(codes, dtype=np.int8))},
         scaling_config=cluster.scaling(cfg.ray, cfg.ray.num_workers),
-        run_config=run_config(name, storage_path, ray_logs=cfg.tracking.ray_logs))
+        run_config=run_config(name, storage_path, keep=2, ray_logs=cfg.tracking.ray_logs))
     result = fit(trainer, "pretraining", storage_path, name)
     with local_dir(result.checkpoint) as d:
         state = load_file(str(d / "denoiser.safetensors"))

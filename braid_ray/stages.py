@@ -224,9 +224,9 @@ def pretrain_in_process(cfg: Config, codes: np.ndarray, stage: Stage) -> tuple[d
     backbone = build_backbone(cfg.diffusion, codes.shape[1])
     model = build_denoiser(cfg.diffusion, codes.shape[1], seed=cfg.run.seed).to(device)
     resume, save = pass_checkpoints(cfg, stage, "pretrain")
-    losses = pretrain(model, backbone, codes, cfg.diffusion, cfg.run.seed, device=device,
-                      on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d: loss %.4f", e, cfg.diffusion.epochs, loss),
-                      save=save, resume=resume)
+    epochs = cfg.diffusion.epochs
+    losses = pretrain(model, backbone, codes, cfg.diffusion, cfg.run.seed, device=device, save=save, resume=resume,
+                      on_epoch=lambda e, loss: log.info("pretrain epoch %d/%d: loss %.4f", e, epochs, loss))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, losses
 
 

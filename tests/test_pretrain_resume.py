@@ -95,7 +95,8 @@ def test_an_interrupted_pretraining_stage_resumes_after_its_last_pass(tmp_path: 
     assert [r.getMessage() for r in caplog.records if "pretrain epoch" in r.getMessage()][0].startswith(
         "pretrain epoch 2/3")  # pass 1 was not trained again
     assert (stage / "stage.json").is_file()
-    resumed, reference = load_file(stage / "denoiser.safetensors"), load_file(straight / "pretrain" / "denoiser.safetensors")
+    resumed = load_file(stage / "denoiser.safetensors")
+    reference = load_file(straight / "pretrain" / "denoiser.safetensors")
     for name, w in reference.items():
         torch.testing.assert_close(resumed[name], w, rtol=0, atol=0)
 

@@ -112,6 +112,23 @@ def test_killed_pretraining_worker_resumes_after_its_last_pass(ray_local, tmp_pa
         torch.testing.assert_close(state[name], weights, rtol=0, atol=0)
 
 
+def test_a_pretraining_rank_without_its_own_file_takes_rank_0s_weights_with_fresh_noise(tmp_path: Path) -> None:
+    """Resumed by more workers than wrote the checkpoint: DDP needs equal weights on every rank, and rank 0's
+    noise streams must not be copied (two ranks would draw the same rows and noise)."""
+    from braid_ray.diffusion.pretrain import training_state_bytes
+
+    written = {"model": {"w": torch.arange(3.0)}, "optimizer": {}, "schedule": {}, "losses": [0.5, 0.4],
+               "generator": torch.Generator().manual_seed(1).get_state(),
+               "rng": np.random.default_rng(1).bit_generator.state}
+    (tmp_path / "pretrain_rank0.pt").write_bytes(training_state_bytes(written))
+    own = train._rank_state(tmp_path, 0, seed=7, device=torch.device("cpu"))
+    assert torch.equal(own["generator"], written["generator"]) and own["rng"] == written["rng"]
+    new = train._rank_state(tmp_path, 1, seed=1007, device=torch.device("cpu"))
+    assert torch.equal(new["model"]["w"], written["model"]["w"]) and new["losses"] == [0.5, 0.4]
+    assert torch.equal(new["generator"], torch.Generator().manual_seed(1009).get_state())
+    assert new["rng"] == np.random.default_rng(1009).bit_generator.state != written["rng"]
+
+
 @pytest.mark.slow  # a Ray Train run of 2 workers, restarted
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(upstream: Path, ray_local, tmp_path: Path,
                                                                         monkeypatch) -> None:

@@ -44,6 +44,8 @@ def test_braid_minus_strl_is_paired_by_seed_per_alpha() -> None:
     p = quality.paired(_rows(), "median", "BRAID-Boot").set_index("alpha")
     assert p.loc[0.1, "mean"] == pytest.approx(0.1) and p.loc[0.1, "seeds"] == 2 and p.loc[0.1, "wins"] == 2
     assert p.loc[0.01, "mean"] == pytest.approx(0.0) and p.loc[0.01, "wins"] == 0
+    # t interval first, then the bootstrap: both seeds differ by exactly 0.1, so both have no width
+    assert p.loc[0.1, "intervals"] == "[+0.100, +0.100] | [+0.100, +0.100]"
 
 
 def test_the_baselines_are_paired_with_each_method_at_its_selected_alpha() -> None:
@@ -78,7 +80,8 @@ def test_the_backbones_are_compared_per_method_at_the_selected_alpha_and_paired_
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
     assert "| 0.1/0.01 |" in rows[("STRL", "Gaussian")] and "| 0.1/0.1 |" in rows[("STRL", "masked")]
     # STRL masked minus Gaussian: seed 0 0.55 - 0.5, seed 1 (alpha 0.1 now) 0.65 - 1.0: mean -0.15, ahead in 1.
-    assert "| -0.150 [" in rows[("STRL", "masked")] and "(2 seeds, masked ahead in 1)" in rows[("STRL", "masked")]
+    # t interval with 1 degree of freedom: -0.15 -/+ 12.706 * 0.2828 / sqrt(2); the bootstrap's is the range.
+    assert "| -0.150 t [-2.691, +2.391], bootstrap [-0.350, +0.050] (" in rows[("STRL", "masked")] and "(2 seeds, masked ahead in 1)" in rows[("STRL", "masked")]
     assert "(2 seeds, masked ahead in 2)" in rows[("DDOM", "masked")]
     assert quality.backbones(gauss) == ""
 

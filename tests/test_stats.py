@@ -1,4 +1,5 @@
-"""Pearson's r, Spearman's rho and the bootstrap interval against closed forms and hand-computed cases."""
+"""Pearson's r, Spearman's rho, the bootstrap interval and Student's t against closed forms, numerical integration
+and hand-computed cases."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from braid_ray.eval.stats import bootstrap_ci, pearson, rankdata, spearman
+from braid_ray.eval.stats import bootstrap_ci, pearson, rankdata, spearman, t_interval, t_quantile, t_two_sided
 
 
 def _pearson_by_definition(a: list[float], b: list[float]) -> float:
@@ -65,3 +66,36 @@ def test_bootstrap_ci_brackets_the_mean_and_is_reproducible() -> None:
     assert all(math.isnan(x) for x in (*bootstrap_ci([]), *bootstrap_ci([3.0], min_values=2)))
     wide, narrow = bootstrap_ci(v, level=0.99), bootstrap_ci(v, level=0.5)
     assert wide[0] < narrow[0] < narrow[1] < wide[1]
+
+
+def _t_mass_by_integration(t: float, df: int) -> float:
+    """P(|T| <= t) by the trapezoid rule on Student's density (an independent route to the closed form)."""
+    x = np.linspace(0.0, t, 200_001)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
+    return float(2 * np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 8, 9, 30])
+@pytest.mark.parametrize("t", [0.3, 1.0, 2.5, 7.0])
+def test_t_mass_is_the_integral_of_the_density(df: int, t: float) -> None:
+    assert t_two_sided(t, df) == pytest.approx(_t_mass_by_integration(t, df), abs=1e-8)
+
+
+def test_t_quantiles_are_the_textbook_ones() -> None:
+    # two-sided 95% critical values (any t table): 12.706, 4.303, 3.182, 2.776, 2.571, 2.262, 2.042
+    for df, t in [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (9, 2.262), (30, 2.042)]:
+        assert t_quantile(0.95, df) == pytest.approx(t, abs=5e-4)
+    assert t_quantile(0.99, 4) == pytest.approx(4.604, abs=5e-4)
+    with pytest.raises(ValueError, match="positive integer"):
+        t_two_sided(1.0, 0)
+
+
+def test_t_interval_is_wider_than_the_bootstrap_over_a_few_seeds() -> None:
+    d = np.array([0.434, 0.382, 0.323])  # three paired differences
+    lo, hi = t_interval(d)
+    half = 4.303 * d.std(ddof=1) / math.sqrt(3)
+    assert (lo, hi) == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-3)
+    b_lo, b_hi = bootstrap_ci(d)
+    assert lo < b_lo and hi > b_hi and d.min() <= b_lo and b_hi <= d.max()  # the bootstrap never leaves the range
+    assert all(math.isnan(x) for x in t_interval([1.0]))

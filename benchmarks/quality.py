@@ -269,6 +269,8 @@ def paired(df: pd.DataFrame, key: str, method: str, baseline: str = "STRL") -> p
 
 def _intervals(d: pd.Series) -> str:
     """Two table cells for paired differences ``d`` over seeds: the 95% t interval, then the percentile bootstrap."""
+    if len(d) < 2:
+        return "- | -"
     (t_lo, t_hi), (b_lo, b_hi) = t_interval(d.to_numpy()), bootstrap_ci(d.to_numpy(), min_values=2)
     return f"[{t_lo:+.3f}, {t_hi:+.3f}] | [{b_lo:+.3f}, {b_hi:+.3f}]"
 

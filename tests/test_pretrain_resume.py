@@ -89,6 +89,7 @@ def test_an_interrupted_pretraining_stage_resumes_after_its_last_pass(tmp_path: 
     assert len(load_training_state((stage / stages.TRAINING_STATE).read_bytes())["losses"]) == 1
 
     monkeypatch.undo()
+    caplog.clear()  # only the re-run's lines (an earlier test may have left braid_ray logging at INFO)
     with caplog.at_level(logging.INFO, logger="braid_ray"):
         pipeline.run(tiny_config(f"run.dir={broken}", *PASSES), stages=("data", "pretrain"))
     assert "pretrain: resumed after pass 1" in caplog.text
@@ -127,6 +128,7 @@ def test_the_conditional_baselines_resume_their_training_too(tmp_path: Path, mon
     with pytest.raises(_Killed):
         pipeline.run(tiny_config(f"run.dir={broken}", *PASSES, *ddom), stages=("data", "baselines"))
     monkeypatch.undo()
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="braid_ray"):
         pipeline.run(tiny_config(f"run.dir={broken}", *PASSES, *ddom), stages=("data", "baselines"))
     assert "baseline ddom: resumed after pass 2" in caplog.text and "baseline ddom epoch 1/3" not in caplog.text

@@ -114,15 +114,24 @@ def test_killed_pretraining_worker_resumes_after_its_last_pass(ray_local, tmp_pa
 
 def test_a_pretraining_rank_without_its_own_file_takes_rank_0s_weights_with_fresh_noise(tmp_path: Path) -> None:
     """Resumed by more workers than wrote the checkpoint: DDP needs equal weights on every rank, and rank 0's
-    noise streams must not be copied (two ranks would draw the same rows and noise)."""
+    noise streams must not be copied (two ranks would draw the same rows and noise). A rank with a noise file of
+    its own gets its streams back."""
     from braid_ray.diffusion.pretrain import training_state_bytes
 
     written = {"model": {"w": torch.arange(3.0)}, "optimizer": {}, "schedule": {}, "losses": [0.5, 0.4],
                "generator": torch.Generator().manual_seed(1).get_state(),
                "rng": np.random.default_rng(1).bit_generator.state}
-    (tmp_path / "pretrain_rank0.pt").write_bytes(training_state_bytes(written))
+    (tmp_path / "pretrain_state.pt").write_bytes(training_state_bytes(written))
+    noise_1 = {"generator": torch.Generator().manual_seed(2).get_state(),
+               "rng": np.random.default_rng(2).bit_generator.state}
+    (tmp_path / "pretrain_noise_rank0.pt").write_bytes(training_state_bytes({k: written[k] for k in noise_1}))
+    (tmp_path / "pretrain_noise_rank1.pt").write_bytes(training_state_bytes(noise_1))
     own = train._rank_state(tmp_path, 0, seed=7, device=torch.device("cpu"))
     assert torch.equal(own["generator"], written["generator"]) and own["rng"] == written["rng"]
+    mine = train._rank_state(tmp_path, 1, seed=1007, device=torch.device("cpu"))
+    assert torch.equal(mine["generator"], noise_1["generator"]) and mine["rng"] == noise_1["rng"]
+    assert torch.equal(mine["model"]["w"], written["model"]["w"])
+    (tmp_path / "pretrain_noise_rank1.pt").unlink()  # written by one worker, resumed by two
     new = train._rank_state(tmp_path, 1, seed=1007, device=torch.device("cpu"))
     assert torch.equal(new["model"]["w"], written["model"]["w"]) and new["losses"] == [0.5, 0.4]
     assert torch.equal(new["generator"], torch.Generator().manual_seed(1009).get_state())

@@ -119,10 +119,15 @@ def training_state_bytes(state: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def load_training_state(data: bytes) -> dict[str, Any]:
-    """The training state ``training_state_bytes`` wrote, on the CPU (``pretrain`` moves it where it trains)."""
+STATE_KEYS = ("model", "optimizer", "schedule", "generator", "rng", "losses")
+NOISE_KEYS = ("generator", "rng")  # a rank's own part of the state under data parallelism
+
+
+def load_training_state(data: bytes, keys: tuple[str, ...] = STATE_KEYS) -> dict[str, Any]:
+    """The training state (or the ``keys`` of it) ``training_state_bytes`` wrote, on the CPU (``pretrain`` moves
+    it where it trains)."""
     state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    missing = {"model", "optimizer", "schedule", "generator", "rng", "losses"} - set(state)
+    missing = set(keys) - set(state)
     if missing:
         raise ValueError(f"not a pretraining state: no {sorted(missing)}")
     return state

@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer, prepare_model
 from safetensors.torch import load_file, save_file
 
 from braid_ray.config import Config
-from braid_ray.diffusion.pretrain import (build_backbone, build_denoiser, load_training_state, pretrain,
+from braid_ray.diffusion.pretrain import (NOISE_KEYS, build_backbone, build_denoiser, load_training_state, pretrain,
                                           training_state_bytes)
 from braid_ray.distributed import cluster
 from braid_ray.distributed.workers import (MAX_FAILURES, RayTrainSink, average_gradients, check_storage, fit,
@@ -71,14 +71,17 @@ def _pretrain_worker(config: dict) -> list[float]:
     model = prepare_model(build_denoiser(cfg.diffusion, codes.shape[1], seed=cfg.run.seed))
 
     def save(state: dict) -> None:
-        """After every pass: each rank's training state (its own noise streams) into one merged checkpoint, and
-        after the last one the denoiser and the losses too."""
+        """After every pass, one merged checkpoint: rank 0's training state (DDP keeps the weights and Adam equal
+        on every rank), each rank's own noise streams, and after the last pass the denoiser and the losses."""
         epoch = len(state["losses"])
         metrics = mean_over_ranks({"epoch": float(epoch), "loss": state["losses"][-1]}, w.device)
         if w.rank == 0:
             log.info("pretrain epoch %d/%d: loss %.4f", epoch, cfg.diffusion.epochs, metrics["loss"])
         with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, f"pretrain_rank{w.rank}.pt").write_bytes(training_state_bytes(state))
+            noise = {k: state[k] for k in NOISE_KEYS}
+            Path(tmp, f"pretrain_noise_rank{w.rank}.pt").write_bytes(training_state_bytes(noise))
+            if w.rank == 0:
+                Path(tmp, "pretrain_state.pt").write_bytes(training_state_bytes(state))
             if w.rank == 0 and epoch == cfg.diffusion.epochs:
                 save_file({k: v.detach().cpu().contiguous() for k, v in state["model"].items()},
                           f"{tmp}/denoiser.safetensors")
@@ -91,11 +94,13 @@ def _pretrain_worker(config: dict) -> list[float]:
 
 
 def _rank_state(directory: Path, rank: int, seed: int, device: torch.device) -> dict:
-    """This rank's training state from a pretraining checkpoint. A checkpoint written by fewer workers has none for
-    this rank: it takes rank 0's weights and optimizer (DDP keeps them equal) with fresh noise streams of its own."""
-    own = directory / f"pretrain_rank{rank}.pt"
-    state = load_training_state((own if own.is_file() else directory / "pretrain_rank0.pt").read_bytes())
-    if not own.is_file():
+    """This rank's training state from a pretraining checkpoint: rank 0's weights, Adam, schedule and losses with
+    this rank's own noise streams; fresh ones where the checkpoint was written by fewer workers."""
+    state = load_training_state((directory / "pretrain_state.pt").read_bytes())
+    own = directory / f"pretrain_noise_rank{rank}.pt"
+    if own.is_file():
+        state.update(load_training_state(own.read_bytes(), NOISE_KEYS))
+    else:
         fresh = seed + len(state["losses"])
         state["generator"] = torch.Generator(device=device).manual_seed(fresh).get_state()
         state["rng"] = np.random.default_rng(fresh).bit_generator.state

@@ -262,17 +262,22 @@ def paired(df: pd.DataFrame, key: str, method: str, baseline: str = "STRL") -> p
         d = (a - b).dropna()
         if d.empty:
             continue
-        rows.append({"alpha": alpha, "mean": d.mean(), "intervals": _intervals(d), "seeds": len(d),
-                     "wins": int((d > 0).sum())})
+        rows.append({"alpha": alpha, "mean": d.mean(), **_bounds(d), "seeds": len(d), "wins": int((d > 0).sum())})
     return pd.DataFrame(rows)
 
 
-def _intervals(d: pd.Series) -> str:
-    """Two table cells for paired differences ``d`` over seeds: the 95% t interval, then the percentile bootstrap."""
-    if len(d) < 2:
+def _bounds(d: pd.Series) -> dict[str, float]:
+    """The 95% t interval (t_lo, t_hi) and percentile-bootstrap interval (lo, hi) of the mean of paired differences
+    ``d`` over seeds; NaN with fewer than two."""
+    (t_lo, t_hi), (lo, hi) = t_interval(d.to_numpy()), bootstrap_ci(d.to_numpy(), min_values=2)
+    return {"t_lo": t_lo, "t_hi": t_hi, "lo": lo, "hi": hi}
+
+
+def _intervals(b: dict[str, float]) -> str:
+    """``_bounds`` as two table cells: the t interval, then the bootstrap's ("-" where undefined)."""
+    if pd.isna(b["t_lo"]):
         return "- | -"
-    (t_lo, t_hi), (b_lo, b_hi) = t_interval(d.to_numpy()), bootstrap_ci(d.to_numpy(), min_values=2)
-    return f"[{t_lo:+.3f}, {t_hi:+.3f}] | [{b_lo:+.3f}, {b_hi:+.3f}]"
+    return f"[{b['t_lo']:+.3f}, {b['t_hi']:+.3f}] | [{b['lo']:+.3f}, {b['hi']:+.3f}]"
 
 
 def selected(tuned: pd.DataFrame) -> pd.DataFrame:
@@ -348,7 +353,7 @@ def report(df: pd.DataFrame) -> str:
                 lines += ["", f"{method} minus STRL, oracle median over {what}, paired by seed:", "",
                           "| alpha | mean difference | 95% t interval | 95% bootstrap | seeds | BRAID ahead in |",
                           "|---|---|---|---|---|---|"]
-                lines += [f"| {r.alpha:g} | {r.mean:+.3f} | {r.intervals} | {r.seeds} | {r.wins} |"
+                lines += [f"| {r.alpha:g} | {r.mean:+.3f} | {_intervals(r._asdict())} | {r.seeds} | {r.wins} |"
                           for r in p.itertuples()]
                 chosen = at_selected_alpha(t, key)
                 a = chosen[chosen["method"] == method].set_index("seed")
@@ -359,7 +364,7 @@ def report(df: pd.DataFrame) -> str:
                     picks = ", ".join(f"{s}: {a.loc[s, 'alpha']:g} vs {b.loc[s, 'alpha']:g} ("
                                       + " / ".join(dict.fromkeys(rules[x.loc[s, 'selected_by']] for x in (a, b))) + ")"
                                       for s in d.index)
-                    lines += [f"| each at its selected alpha | {d.mean():+.3f} | {_intervals(d)} | {len(d)} | "
+                    lines += [f"| each at its selected alpha | {d.mean():+.3f} | {_intervals(_bounds(d))} | {len(d)} | "
                               f"{int((d > 0).sum())} |", "", f"Selected alphas by seed ({method} vs STRL, each by "
                               f"its own {SELECTION_QUERIES}-query oracle budget on separate designs): {picks}."]
         lines += _baselines_section(t)
@@ -401,9 +406,9 @@ def backbones(df: pd.DataFrame) -> str:
             if any(p.empty for p in pair):
                 continue
             d = (pair[1]["median"] - pair[0]["median"]).dropna()
-            (lo, hi), (b_lo, b_hi) = t_interval(d.to_numpy()), bootstrap_ci(d.to_numpy(), min_values=2)
-            diff = (f"{d.mean():+.3f} t [{lo:+.3f}, {hi:+.3f}], bootstrap [{b_lo:+.3f}, {b_hi:+.3f}] ({len(d)} seeds, "
-                    f"masked ahead in {int((d > 0).sum())})")
+            b = _bounds(d)
+            diff = (f"{d.mean():+.3f} t [{b['t_lo']:+.3f}, {b['t_hi']:+.3f}], bootstrap [{b['lo']:+.3f}, {b['hi']:+.3f}] "
+                    f"({len(d)} seeds, masked ahead in {int((d > 0).sum())})")
             for name, p in zip(("Gaussian", "masked"), pair):
                 alphas = "-" if p["alpha"].isna().all() else "/".join(f"{a:g}" for a in p.sort_index()["alpha"])
                 lines.append(f"| {method} | {name} | {alphas} | " + " | ".join(_pm(p[k], digits.get(k, 3)) if k in p else "-" for k in keys)
@@ -427,7 +432,7 @@ def _baselines_section(t: pd.DataFrame) -> list[str]:
         for method in [m for m in LABELS.values() if m in set(chosen["method"])]:
             d = (a - chosen[chosen["method"] == method].set_index("seed")["median"]).dropna()
             if len(d):
-                table.append(f"| {label} | {method} | {d.mean():+.3f} | {_intervals(d)} | {len(d)} | "
+                table.append(f"| {label} | {method} | {d.mean():+.3f} | {_intervals(_bounds(d))} | {len(d)} | "
                              f"{int((d > 0).sum())} |")
     lines = ["", "Steering baselines minus each fine-tuned method at its selected alpha, oracle median over all designs, "
              "paired by seed:", "", "| baseline | minus | mean difference | 95% t interval | 95% bootstrap | seeds | "

@@ -45,7 +45,7 @@ def test_braid_minus_strl_is_paired_by_seed_per_alpha() -> None:
     assert p.loc[0.1, "mean"] == pytest.approx(0.1) and p.loc[0.1, "seeds"] == 2 and p.loc[0.1, "wins"] == 2
     assert p.loc[0.01, "mean"] == pytest.approx(0.0) and p.loc[0.01, "wins"] == 0
     # t interval first, then the bootstrap: both seeds differ by exactly 0.1, so both have no width
-    assert p.loc[0.1, "intervals"] == "[+0.100, +0.100] | [+0.100, +0.100]"
+    assert tuple(p.loc[0.1, ["t_lo", "t_hi", "lo", "hi"]]) == pytest.approx((0.1, 0.1, 0.1, 0.1))
 
 
 def test_the_baselines_are_paired_with_each_method_at_its_selected_alpha() -> None:

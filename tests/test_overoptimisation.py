@@ -128,6 +128,21 @@ def test_paired_differences_and_summary() -> None:
     assert s.loc["LCB (k=0.1)", "ties"] == 2
 
 
+def test_verdicts_use_the_t_interval_which_is_wider_than_the_bootstrap_over_few_seeds() -> None:
+    diffs = [0.05, -0.01, 0.04, 0.02, -0.005, 0.03, 0.01, 0.045, -0.002, 0.025]  # mean 0.0203, sd 0.0213
+    rows = [{"setting": "s", "seed": seed, "method": m, "strength": 0.0, "metric": v}
+            for seed, d in enumerate(diffs) for m, v in (("STRL", 0.5), ("BRAID-Boot", 0.5 + d))]
+    s = oo.diff_summary(oo.paired(pd.DataFrame(rows), "metric")).iloc[0]
+    half = 2.262157 * np.std(diffs, ddof=1) / np.sqrt(10)  # t_{0.975, 9}
+    assert (s["lo"], s["hi"]) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half), abs=1e-6)
+    assert s["lo"] < s["boot_lo"] and s["boot_hi"] < s["hi"]
+    assert oo._cell(s).endswith("**+**")  # the t interval excludes 0 here
+    shifted = s.copy()
+    shifted["lo"] = -0.001
+    assert "**" not in oo._cell(shifted)  # the mark follows the t interval, not the bootstrap's
+    assert oo._verdict(pd.Series([0.1, -0.1, -0.3]), pd.Series([0.2, 0.1, -0.2])) == "1 / 1 / 1"
+
+
 def test_penalised_objective_is_what_gradient_ascent_sees() -> None:
     class Toy(torch.nn.Module):
         stats = type("S", (), {"y_std": 2.0})()

@@ -395,10 +395,11 @@ def backbones(df: pd.DataFrame) -> str:
         masked = _at_selection(df[df["task"] == f"{task}_masked"], keys)
         seeds = sorted(set(gauss["seed"]) & set(masked["seed"]))
         lines += [f"### {task}: the Gaussian one-hot backbone against the masked one (seeds {', '.join(map(str, seeds))}; "
-                  "fine-tuned methods at their selected alpha; values: mean [95% bootstrap CI over seeds]; paired "
-                  "differences: mean, 95% t and bootstrap intervals)", "",
-                  "| method | backbone | alpha chosen | " + " | ".join(heads) + " | masked minus Gaussian, paired |",
-                  "|---|---|---|" + "---|" * (len(heads) + 1)]
+                  "fine-tuned methods at their selected alpha; values: mean [95% bootstrap CI over seeds]; masked "
+                  "minus Gaussian oracle median, paired by seed: mean, 95% t and bootstrap intervals)", "",
+                  "| method | backbone | alpha chosen | " + " | ".join(heads)
+                  + " | masked minus Gaussian | 95% t interval | 95% bootstrap | seeds | masked ahead in |",
+                  "|---|---|---|" + "---|" * (len(heads) + 5)]
         same = ("Offline (top)", "Offline (random)", "Grad. (r_hat)")  # the backbone plays no part in them
         for method in [m for m in dict.fromkeys([*gauss["method"], *masked["method"]])
                        if m not in same and not m.startswith("ref:")]:
@@ -406,13 +407,12 @@ def backbones(df: pd.DataFrame) -> str:
             if any(p.empty for p in pair):
                 continue
             d = (pair[1]["median"] - pair[0]["median"]).dropna()
-            b = _bounds(d)
-            diff = (f"{d.mean():+.3f} t [{b['t_lo']:+.3f}, {b['t_hi']:+.3f}], bootstrap [{b['lo']:+.3f}, {b['hi']:+.3f}] "
-                    f"({len(d)} seeds, masked ahead in {int((d > 0).sum())})")
+            diff = {"Gaussian": " | " * 4,
+                    "masked": f"{d.mean():+.3f} | {_intervals(_bounds(d))} | {len(d)} | {int((d > 0).sum())}"}
             for name, p in zip(("Gaussian", "masked"), pair):
                 alphas = "-" if p["alpha"].isna().all() else "/".join(f"{a:g}" for a in p.sort_index()["alpha"])
-                lines.append(f"| {method} | {name} | {alphas} | " + " | ".join(_pm(p[k], digits.get(k, 3)) if k in p else "-" for k in keys)
-                             + f" | {diff if name == 'masked' else ''} |")
+                cells = " | ".join(_pm(p[k], digits.get(k, 3)) if k in p else "-" for k in keys)
+                lines.append(f"| {method} | {name} | {alphas} | {cells} | {diff[name]} |")
         lines += ["", "The offline rows, Grad. and the references are the same on both backbones (per seed the same "
                   "split and reward ensemble). ELBOs are not comparable across backbones (different bounds of different "
                   "models), only between rows of one backbone; their level also moves with the seed's shared draws.", ""]

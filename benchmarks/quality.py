@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -266,6 +267,34 @@ def paired(df: pd.DataFrame, key: str, method: str, baseline: str = "STRL") -> p
     return pd.DataFrame(rows)
 
 
+def at_matched_kl(df: pd.DataFrame, key: str, method: str, baseline: str = "STRL",
+                  within: float = 2.0) -> pd.DataFrame:
+    """Per alpha of ``method``: its ``key`` minus the ``baseline`` row of the same seed whose whole-path KL is
+    nearest to its own (on a log scale, over every alpha the baseline ran), kept where the two KLs are within a
+    factor ``within``; so a method is compared with the baseline spending the same KL, not the same alpha. Columns:
+    alpha, kl and base_kl (means over the matched seeds), base_alphas (the baseline's matched alphas), mean, the
+    ``_bounds`` intervals, seeds (matched), of (seeds with the method at that alpha), wins."""
+    tuned = df[df["alpha"].notna() & df["ft_kl"].gt(0)] if "ft_kl" in df.columns else df.iloc[:0]
+    base = tuned[tuned["method"] == baseline]
+    rows = []
+    for alpha, g in tuned[tuned["method"] == method].groupby("alpha"):
+        pairs = []
+        for r in g.itertuples():
+            b = base[base["seed"] == r.seed]
+            if b.empty:
+                continue
+            near = b.loc[(np.log(b["ft_kl"]) - np.log(r.ft_kl)).abs().idxmin()]
+            if max(near["ft_kl"], r.ft_kl) <= within * min(near["ft_kl"], r.ft_kl):
+                pairs.append((getattr(r, key) - near[key], r.ft_kl, near["ft_kl"], near["alpha"]))
+        if not pairs:
+            continue
+        d = pd.Series([x[0] for x in pairs])
+        rows.append({"alpha": alpha, "kl": np.mean([x[1] for x in pairs]), "base_kl": np.mean([x[2] for x in pairs]),
+                     "base_alphas": sorted({x[3] for x in pairs}), "mean": d.mean(), **_bounds(d), "seeds": len(d),
+                     "of": len(g), "wins": int((d > 0).sum())})
+    return pd.DataFrame(rows)
+
+
 def _bounds(d: pd.Series) -> dict[str, float]:
     """The 95% t interval (t_lo, t_hi) and percentile-bootstrap interval (lo, hi) of the mean of paired differences
     ``d`` over seeds; NaN with fewer than two."""
@@ -367,6 +396,16 @@ def report(df: pd.DataFrame) -> str:
                     lines += [f"| each at its selected alpha | {d.mean():+.3f} | {_intervals(_bounds(d))} | {len(d)} | "
                               f"{int((d > 0).sum())} |", "", f"Selected alphas by seed ({method} vs STRL, each by "
                               f"its own {SELECTION_QUERIES}-query oracle budget on separate designs): {picks}."]
+                m = at_matched_kl(t, key, method)
+                if len(t[(t["method"] == "STRL") & t["alpha"].notna()]["alpha"].unique()) > 1 and not m.empty:
+                    lines += ["", f"{method} minus STRL at the nearest whole-path KL (per seed, STRL's alpha whose KL is "
+                              f"nearest to {method}'s, kept within a factor 2), oracle median over {what}:", "",
+                              f"| {method} alpha | {method} KL (nats) | STRL alphas matched | STRL KL (nats) | "
+                              "mean difference | 95% t interval | 95% bootstrap | seeds matched | BRAID ahead in |",
+                              "|---|---|---|---|---|---|---|---|---|"]
+                    lines += [f"| {r.alpha:g} | {r.kl:.3g} | {', '.join(f'{a:g}' for a in r.base_alphas)} | "
+                              f"{r.base_kl:.3g} | {r.mean:+.3f} | {_intervals(r._asdict())} | {r.seeds} of {r.of} | "
+                              f"{r.wins} |" for r in m.itertuples()]
         lines += _baselines_section(t)
         lines.append("")
     return "\n".join(lines)

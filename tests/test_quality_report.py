@@ -169,3 +169,25 @@ def test_the_rows_file_is_held_while_one_process_reads_and_appends(tmp_path: Pat
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with out.open("a") as other:  # released after the block
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_method_is_compared_with_strl_at_the_nearest_whole_path_kl_not_the_same_alpha() -> None:
+    rows = []
+    for seed in (0, 1, 2):
+        for method, alpha, kl, median in (("STRL", 1e-3, 200.0, 7.2), ("STRL", 3e-3, 20.0, 7.1),
+                                          ("BRAID-Bonus", 1e-3, 14.0 + seed, 7.6 + 0.1 * seed),
+                                          ("BRAID-Boot", 1e-3, 500.0, 7.3)):
+            rows.append({"task": "toy", "seed": seed, "method": method, "alpha": alpha, "ft_kl": kl,
+                         "median": median, "best_offline": 7.0})
+    rows[0]["ft_kl"] = 16.0  # seed 0's STRL at 1e-3 is the nearer one there
+    m = quality.at_matched_kl(pd.DataFrame(rows), "median", "BRAID-Bonus").iloc[0]
+    assert m["base_alphas"] == [1e-3, 3e-3] and m["seeds"] == 3 and m["of"] == 3 and m["wins"] == 3
+    assert m["mean"] == pytest.approx(((7.6 - 7.2) + (7.7 - 7.1) + (7.8 - 7.1)) / 3)
+    assert m["base_kl"] == pytest.approx((16 + 20 + 20) / 3) and m["kl"] == pytest.approx(15.0)
+    # BRAID-Boot's 500 nats are more than twice every STRL row's: no match, no row.
+    assert quality.at_matched_kl(pd.DataFrame(rows), "median", "BRAID-Boot").empty
+    text = quality.report(pd.DataFrame(rows).assign(selection_score=1.0))
+    assert "BRAID-Bonus minus STRL at the nearest whole-path KL" in text
+    assert "| 0.001 | 15 | 0.001, 0.003 | 18.7 | +0.567 |" in text and "| 3 of 3 | 3 |" in text
+    one_strl_alpha = pd.DataFrame(rows).query("alpha == 1e-3 or method != 'STRL'").assign(selection_score=1.0)
+    assert "at the nearest whole-path KL" not in quality.report(one_strl_alpha)  # the by-alpha table says it all

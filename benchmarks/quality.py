@@ -396,8 +396,9 @@ def report(df: pd.DataFrame) -> str:
                     lines += [f"| each at its selected alpha | {d.mean():+.3f} | {_intervals(_bounds(d))} | {len(d)} | "
                               f"{int((d > 0).sum())} |", "", f"Selected alphas by seed ({method} vs STRL, each by "
                               f"its own {SELECTION_QUERIES}-query oracle budget on separate designs): {picks}."]
-                m = at_matched_kl(t, key, method)
-                if len(t[(t["method"] == "STRL") & t["alpha"].notna()]["alpha"].unique()) > 1 and not m.empty:
+                strl_alphas = t[(t["method"] == "STRL") & t["alpha"].notna()]["alpha"].nunique()
+                m = at_matched_kl(t, key, method) if strl_alphas > 1 else pd.DataFrame()
+                if not m.empty:
                     lines += ["", f"{method} minus STRL at the nearest whole-path KL (per seed, STRL's alpha whose KL is "
                               f"nearest to {method}'s, kept within a factor 2), oracle median over {what}:", "",
                               f"| {method} alpha | {method} KL (nats) | STRL alphas matched | STRL KL (nats) | "

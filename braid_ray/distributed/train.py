@@ -117,8 +117,9 @@ def _share(total: int, world: int, key: str) -> int:
 def pretrain_on_ray(cfg: Config, codes: np.ndarray, storage_path: str, name: str) -> tuple[dict, list[float]]:
     """Data-parallel pretraining on Ray Train; returns the denoiser's state dict and the per-epoch losses.
 
-    Every pass reports a checkpoint (each rank's training state; the last two are kept), so a restarted worker
-    group, or a re-run with the same ``name`` and storage, goes on after the last finished pass."""
+    Every pass reports a checkpoint (rank 0's training state and each rank's noise streams; the last two are
+    kept), so a restarted worker group, or a re-run with the same ``name`` and storage, goes on after the last
+    finished pass."""
     cluster.init(cfg.ray, cfg.tracking.ray_logs)
     check_storage(cfg.ray, storage_path)
     trainer = TorchTrainer(
